@@ -1,0 +1,110 @@
+"""`router-ext` command line: serve, sim, envoy-config, demo (and operator tools)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from router_ext.config import ConfigError, load_config
+from router_ext.logs import setup_logging
+
+
+def _add_logging(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from router_ext.server import serve
+
+    setup_logging(args.log_level, args.log_json)
+    cfg = load_config(args.config)
+    return asyncio.run(serve(cfg))
+
+
+def _cmd_envoy_config(args: argparse.Namespace) -> int:
+    from router_ext.discovery import DiscoveryError, parse_pods
+    from router_ext.envoy_config import render_bootstrap_yaml, write_envoy_files
+
+    cfg = load_config(args.config)
+    if args.stdout:
+        sys.stdout.write(render_bootstrap_yaml(cfg))
+        return 0
+    try:
+        pods = parse_pods(cfg.pods_file.read_text(), str(cfg.pods_file))
+    except OSError as e:
+        print(f"warning: {cfg.pods_file}: {e.strerror}; writing an empty pod set", file=sys.stderr)
+        pods = ()
+    except DiscoveryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else cfg.base_dir
+    for kind, path in write_envoy_files(cfg, pods, out).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from router_ext.sim import run_sim_cli
+
+    setup_logging(args.log_level, args.log_json)
+    return run_sim_cli(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from router_ext.demo import run_demo
+
+    setup_logging("warning" if not args.verbose else "info", False)
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="router-ext",
+        description="Envoy ext_proc router for LLM inference fleets.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the router (ext_proc + health + metrics)")
+    p.add_argument("--config", "-c", help="router config YAML (defaults apply if omitted)")
+    _add_logging(p)
+    p.set_defaults(fn=_cmd_serve)
+
+    p = sub.add_parser("envoy-config", help="render the Envoy bootstrap from the router config")
+    p.add_argument("--config", "-c", help="router config YAML")
+    p.add_argument("--out", help="directory to write envoy.yaml and the EDS file into")
+    p.add_argument("--stdout", action="store_true", help="print the bootstrap YAML only")
+    p.set_defaults(fn=_cmd_envoy_config)
+
+    from router_ext.sim import add_sim_arguments
+
+    p = sub.add_parser("sim", help="run simulated vLLM pods (OpenAI API + vLLM /metrics)")
+    add_sim_arguments(p)
+    _add_logging(p)
+    p.set_defaults(fn=_cmd_sim)
+
+    from router_ext.demo import add_demo_arguments
+
+    p = sub.add_parser("demo", help="simulator + router + real Envoy, with live traffic")
+    add_demo_arguments(p)
+    p.set_defaults(fn=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc: int = args.fn(args)
+    except ConfigError as e:
+        print(f"router-ext: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

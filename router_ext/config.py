@@ -1,0 +1,172 @@
+"""router-ext configuration: the one place ports, header names and defaults are defined.
+
+Everything else (the router process, the rendered Envoy config, the simulator harness, the docs)
+reads these values from here, so a port or a header name can never disagree between the
+router and Envoy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# --- Header names (wire contract between Envoy, router-ext and the pods) -----------------------
+#: Set by router-ext on the upstream request: "ip:port[,ip:port...]", primary first.
+#: Read by Envoy's override_host load-balancing policy. Stripped from client requests.
+TARGET_POD_HEADER = "x-target-pod"
+#: Set by router-ext: the strategy actually used, with degradation ("least-kv-cache>random").
+STRATEGY_USED_HEADER = "x-routing-strategy"
+#: Sent by a client to ask for a strategy for this one request.
+STRATEGY_REQUEST_HEADER = "x-routing-strategy-request"
+#: Set by the simulator (and echoed by Envoy) to name the pod that served a response.
+SERVED_BY_HEADER = "x-served-by"
+#: Envoy's request id; used to tag log lines.
+REQUEST_ID_HEADER = "x-request-id"
+
+#: The ext_proc service name, also a grpc.health.v1 service name.
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+STRATEGY_NAMES = ("random", "round-robin", "least-request", "least-kv-cache", "least-queue")
+
+_Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message says which field and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(_Strict):
+    host: str = "127.0.0.1"
+    port: _Port
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class RouterSection(_Strict):
+    # ext_proc, grpc.health.v1, the access-log sink and the admin API share one gRPC port.
+    grpc: Listen = Listen(port=50051)
+    # Prometheus /metrics of the router itself. Loopback unless configured.
+    metrics: Listen = Listen(port=9464)
+    # On SIGTERM: health goes NOT_SERVING at once, streams keep being answered this long so
+    # Envoy's gRPC health check (interval ~250 ms, 2 failures) takes us out, then exit.
+    drain_seconds: float = Field(default=2.0, ge=0, le=300)
+
+
+class DiscoverySection(_Strict):
+    # YAML file listing the pods (see PodsFile). Relative paths resolve against the config file.
+    pods_file: Path = Path("pods.yaml")
+    # How often the file's mtime/size is checked. Cheap (one stat()).
+    poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+
+
+class ScrapeSection(_Strict):
+    # 500 ms: a dead pod is noticed within one interval, a new pod's first metrics arrive
+    # within ~0.5 s, and one Python core can still fetch+parse >1,000 pods per interval.
+    # (EPP scrapes every 50 ms in Go; production-stack every 30 s, far too slow for failover.)
+    interval_s: float = Field(default=0.5, gt=0, le=60)
+    # A healthy vLLM answers /metrics in a few ms even when loaded; 300 ms leaves margin and
+    # still finishes inside the interval, so a hung pod never delays the next round.
+    timeout_s: float = Field(default=0.3, gt=0, le=60)
+    # Metrics older than this are "stale": not trusted as live load (EPP uses 200 ms at 50 ms
+    # scraping = 4 intervals; we use 4 intervals of ours).
+    stale_after_s: float = Field(default=2.0, gt=0, le=600)
+    # Consecutive time-outs before a pod counts as unreachable (refused/reset count at once).
+    unreachable_after_timeouts: int = Field(default=2, ge=1, le=100)
+    # Fetch concurrency cap so a 10,000-pod fleet does not open 10,000 sockets at once.
+    max_concurrency: int = Field(default=256, ge=1, le=10000)
+    path: str = "/metrics"
+
+
+class RoutingSection(_Strict):
+    default_strategy: str = "least-request"
+    # Distinct fallbacks after the primary in x-target-pod; Envoy walks them on retry.
+    fallbacks: int = Field(default=2, ge=0, le=16)
+    # Metric strategies compare at most this many candidates per pick (sampled uniformly when
+    # the pool is larger): the decision cost stays flat as the pool grows (power-of-d choices).
+    sample_size: int = Field(default=16, ge=2, le=1024)
+    # Slow start: a pod that turns Ready gets a share that ramps from ~0 to full over this.
+    slow_start_s: float = Field(default=10.0, ge=0, le=600)
+    seed: int | None = None
+
+    @field_validator("default_strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        if v not in STRATEGY_NAMES:
+            raise ValueError(f"unknown strategy {v!r}; valid: {', '.join(STRATEGY_NAMES)}")
+        return v
+
+
+class EnvoySection(_Strict):
+    """Values rendered into the Envoy bootstrap by `router-ext envoy-config`."""
+
+    listener: Listen = Listen(port=10000)
+    admin: Listen = Listen(port=9901)
+    # How Envoy reaches router-ext (the ext_proc cluster). Defaults to router.grpc.
+    router_address: str | None = None
+    # Per ext_proc message; past it Envoy fails open. Our p99 decision is well under 5 ms.
+    message_timeout_ms: int = Field(default=200, ge=10, le=10000)
+    # Whole-request timeout for inference calls (streams can be long).
+    route_timeout_s: float = Field(default=300.0, gt=0)
+    # Per-try timeout: 0 = none (a long generation must not be cut and retried).
+    per_try_timeout_s: float = Field(default=0.0, ge=0)
+    num_retries: int = Field(default=2, ge=0, le=10)
+    # Active HTTP health check on each pod.
+    health_check_path: str = "/health"
+    health_check_interval_ms: int = Field(default=1000, ge=50)
+    # gRPC health check on the router (ext_proc cluster): a hung router is out in ~2 intervals.
+    router_health_interval_ms: int = Field(default=250, ge=50)
+    access_log_path: str = "/dev/null"
+
+
+class RouterConfig(_Strict):
+    router: RouterSection = RouterSection()
+    discovery: DiscoverySection = DiscoverySection()
+    scrape: ScrapeSection = ScrapeSection()
+    routing: RoutingSection = RoutingSection()
+    envoy: EnvoySection = EnvoySection()
+    # Directory the config was loaded from; relative paths resolve against it.
+    base_dir: Path = Path(".")
+
+    @property
+    def pods_file(self) -> Path:
+        p = self.discovery.pods_file
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def ext_proc_address(self) -> str:
+        return self.envoy.router_address or self.router.grpc.address
+
+
+def load_config(path: str | Path | None) -> RouterConfig:
+    """Load a YAML config; every error names the file and the field."""
+    if path is None:
+        return RouterConfig()
+    p = Path(path)
+    try:
+        raw: Any = yaml.safe_load(p.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{p}: cannot read config: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+    raw.setdefault("base_dir", str(p.resolve().parent))
+    try:
+        return RouterConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{p}: {_format_validation(e)}") from e
+
+
+def _format_validation(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,45 @@
+"""OpenAI-style error bodies, so clients' SDKs surface a readable message, not an opaque 503."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from router_ext.config import STRATEGY_NAMES, STRATEGY_REQUEST_HEADER
+
+
+@dataclass(frozen=True, slots=True)
+class ClientError:
+    status: int
+    message: str
+    type: str
+    code: str
+    details: str  # Envoy's response-code details (shows in access logs as %RESPONSE_CODE_DETAILS%)
+
+    def body(self) -> bytes:
+        return json.dumps(
+            {"error": {"message": self.message, "type": self.type, "code": self.code}}
+        ).encode()
+
+
+def unknown_strategy(name: str) -> ClientError:
+    shown = name if len(name) <= 64 else name[:61] + "..."
+    return ClientError(
+        status=400,
+        message=(
+            f"unknown routing strategy {shown!r} in header {STRATEGY_REQUEST_HEADER}; "
+            f"valid strategies: {', '.join(STRATEGY_NAMES)}"
+        ),
+        type="invalid_request_error",
+        code="unknown_routing_strategy",
+        details="router_ext_unknown_strategy",
+    )
+
+
+NO_POD = ClientError(
+    status=503,
+    message="no inference pod is available to serve this request; retry later",
+    type="service_unavailable",
+    code="no_pod_available",
+    details="router_ext_no_pod",
+)

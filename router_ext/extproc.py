@@ -1,0 +1,153 @@
+"""Envoy ext_proc adapter: turns a request-headers message into a header mutation.
+
+Envoy 1.40 facts this code relies on (BACKGROUND §4): header values arrive in `raw_value`
+(bytes) and must be set through `raw_value` too; with only request headers processed, Envoy
+half-closes the stream right after our answer, so nothing here can observe the request's end.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from envoy.type.v3 import http_status_pb2
+
+from router_ext.config import (
+    REQUEST_ID_HEADER,
+    STRATEGY_REQUEST_HEADER,
+    STRATEGY_USED_HEADER,
+    TARGET_POD_HEADER,
+)
+from router_ext.errors import ClientError
+from router_ext.router import NotReady, Router
+from router_ext.strategies import Decision
+
+log = logging.getLogger("router_ext.extproc")
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_STRATEGY_REQ = STRATEGY_REQUEST_HEADER
+_TARGET = TARGET_POD_HEADER
+_REQ_ID = REQUEST_ID_HEADER
+
+# Answers that carry nothing: the protocol wants one response per message Envoy sends.
+_CONTINUE_HEADERS_REQ = ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+_CONTINUE = {
+    "request_headers": _CONTINUE_HEADERS_REQ,
+    "response_headers": ep.ProcessingResponse(response_headers=ep.HeadersResponse()),
+    "request_body": ep.ProcessingResponse(request_body=ep.BodyResponse()),
+    "response_body": ep.ProcessingResponse(response_body=ep.BodyResponse()),
+    "request_trailers": ep.ProcessingResponse(request_trailers=ep.TrailersResponse()),
+    "response_trailers": ep.ProcessingResponse(response_trailers=ep.TrailersResponse()),
+}
+
+
+def decision_response(d: Decision) -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(
+            response=ep.CommonResponse(
+                header_mutation=ep.HeaderMutation(
+                    set_headers=[
+                        base_pb2.HeaderValueOption(
+                            header=base_pb2.HeaderValue(
+                                key=_TARGET, raw_value=d.header_value.encode()
+                            ),
+                            append_action=_OVERWRITE,
+                        ),
+                        base_pb2.HeaderValueOption(
+                            header=base_pb2.HeaderValue(
+                                key=STRATEGY_USED_HEADER, raw_value=d.used.encode()
+                            ),
+                            append_action=_OVERWRITE,
+                        ),
+                    ]
+                )
+            )
+        )
+    )
+
+
+def error_response(err: ClientError) -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(
+        immediate_response=ep.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=err.status),  # type: ignore[arg-type]
+            headers=ep.HeaderMutation(
+                set_headers=[
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(
+                            key="content-type", raw_value=b"application/json"
+                        ),
+                        append_action=_OVERWRITE,
+                    )
+                ]
+            ),
+            body=err.body(),
+            details=err.details,
+        )
+    )
+
+
+class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._spoof_logged = False
+
+    def handle_request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        """The hot path: read two headers, route, encode. No I/O, no awaits, no locks."""
+        requested: str | None = None
+        request_id = ""
+        for h in msg.headers.headers:
+            k = h.key
+            if k == _STRATEGY_REQ:
+                requested = (h.raw_value or h.value.encode()).decode("utf-8", "replace").strip()
+            elif k == _TARGET:
+                self._client_target_header()
+            elif k == _REQ_ID:
+                request_id = (h.raw_value or h.value.encode()).decode("utf-8", "replace")
+        result = self.router.route(requested)
+        if isinstance(result, Decision):
+            return decision_response(result)
+        if isinstance(result, NotReady):
+            # No snapshot yet: send no x-target-pod, Envoy's fallback policy balances.
+            return _CONTINUE_HEADERS_REQ
+        log.info(
+            "request %s answered %d: %s", request_id or "-", result.status, result.code
+        )
+        return error_response(result)
+
+    def _client_target_header(self) -> None:
+        self.router.stats.client_target_header += 1
+        if not self._spoof_logged:
+            self._spoof_logged = True
+            log.warning(
+                "a request reached the router with a client-set %s header: Envoy's "
+                "early_header_mutation should strip it. Overwriting it (logged once).",
+                _TARGET,
+            )
+
+    async def Process(  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[ep.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        stats = self.router.stats
+        stats.streams_open += 1
+        stats.streams_total += 1
+        try:
+            async for req in request_iterator:
+                which = req.WhichOneof("request")
+                if which == "request_headers":
+                    try:
+                        yield self.handle_request_headers(req.request_headers)
+                    except Exception:
+                        # Never break the stream over a routing bug: Envoy then balances itself.
+                        log.exception("routing failed; answering without a target")
+                        yield _CONTINUE_HEADERS_REQ
+                elif which in _CONTINUE:
+                    yield _CONTINUE[which]
+                # Anything else (unknown future variants) has no answer in the protocol.
+        finally:
+            stats.streams_open -= 1

@@ -1,0 +1,233 @@
+"""The router process: wires discovery -> scraper -> lifecycle -> snapshot -> router -> ext_proc.
+
+Everything runs on one asyncio event loop. Background tasks (discovery poll, scrape rounds,
+access-log batches) build a new snapshot and publish it with one attribute swap; the ext_proc
+handler only reads it. No threads share state, so there are no locks to contend on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+
+import grpc
+from aiohttp import web
+from envoy.service.accesslog.v3 import als_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from router_ext.config import EXT_PROC_SERVICE, RouterConfig
+from router_ext.discovery import PodsFileDiscovery
+from router_ext.extproc import ExtProcServicer
+from router_ext.feedback import FeedbackSink
+from router_ext.lifecycle import PodLifecycle
+from router_ext.router import Router
+from router_ext.scraper import Scraper
+from router_ext.snapshot import Pod, PodState, ScrapeResult
+from router_ext.telemetry import Telemetry
+
+log = logging.getLogger("router_ext.server")
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_SERVICES = ("", EXT_PROC_SERVICE)
+
+
+class RouterApp:
+    def __init__(self, cfg: RouterConfig, *, write_eds: bool = True) -> None:
+        self.cfg = cfg
+        self.telemetry = Telemetry()
+        self.router = Router(cfg, self.telemetry.hot)
+        self.lifecycle = PodLifecycle(cfg)
+        self.lifecycle.on_state_change(self._on_state_change)
+        self.lifecycle.coldstart_listeners.append(
+            lambda _pod, s: self.telemetry.coldstart.observe(s)
+        )
+        self.discovery = PodsFileDiscovery(cfg.pods_file, cfg.discovery.poll_interval_s)
+        self.discovery.subscribe(self._on_discovery)
+        self.scraper = Scraper(cfg.scrape)
+        self.health = health_aio.HealthServicer()
+        self.extproc = ExtProcServicer(self.router)
+        self.feedback = FeedbackSink(
+            self._feedback_unreachable,
+            self.router.completed,
+            self.telemetry.als_entries.inc,
+        )
+        self.write_eds = write_eds
+        self.serving = False
+        self.draining = False
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: grpc.aio.Server | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self.grpc_port = 0
+        self.metrics_port = 0
+
+    # --- data flow ---------------------------------------------------------------------
+    def _on_discovery(self, pods: Sequence[Pod]) -> None:
+        self.lifecycle.apply_discovery(pods)
+        self.publish()
+        if self.write_eds:
+            self._write_eds(pods)
+
+    def _write_eds(self, pods: Sequence[Pod]) -> None:
+        from router_ext.envoy_config import write_eds_file
+
+        try:
+            write_eds_file(self.cfg, pods)
+        except OSError as e:
+            log.error("cannot write Envoy EDS file: %s", e)
+
+    def _on_round(self, results: list[ScrapeResult]) -> None:
+        self.lifecycle.apply_scrape(results)
+        # Fetches run concurrently: the slowest one bounds the round's wall time.
+        wall = max((r.duration_s for r in results), default=0.0)
+        self.telemetry.on_scrape_round(results, wall)
+        self.publish()
+
+    def _on_state_change(self, pod: Pod, old: PodState, new: PodState, why: str) -> None:
+        self.telemetry.on_state_change(old, new)
+
+    def publish(self) -> None:
+        snap = self.lifecycle.build_snapshot()
+        self.router.publish(snap)
+        self.telemetry.on_snapshot(snap, self.lifecycle.state_counts())
+        if snap.ready and not self.serving and not self.draining:
+            self.serving = True
+            asyncio.get_running_loop().create_task(self._set_health(_SERVING))
+            log.info(
+                "router SERVING: %d pods discovered, first scrape round done (%s)",
+                len(snap.pods),
+                ", ".join(f"{s.value}={n}" for s, n in self.lifecycle.state_counts().items() if n),
+            )
+
+    def _scrape_targets(self) -> Sequence[Pod]:
+        return [p for p in self.discovery.pods if p.ready]
+
+    async def _set_health(self, status: int) -> None:
+        for svc in HEALTH_SERVICES:
+            await self.health.set(svc, status)
+        self.telemetry.health.set(1 if status == _SERVING else 0)
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._set_health(_NOT_SERVING)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        ep_grpc.add_ExternalProcessorServicer_to_server(self.extproc, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self._add_extra_services(server)
+        g = self.cfg.router.grpc
+        self.grpc_port = server.add_insecure_port(g.address)
+        if not self.grpc_port:
+            raise OSError(f"cannot bind gRPC port {g.address}")
+        await server.start()
+        self._server = server
+        await self._start_metrics()
+        log.info(
+            "router-ext listening: grpc %s:%d (ext_proc, health), metrics http://%s:%d/metrics",
+            g.host,
+            self.grpc_port,
+            self.cfg.router.metrics.host,
+            self.metrics_port,
+        )
+        # First discovery load happens before scraping so round one has pods to scrape.
+        self.discovery.check()
+        if not self.discovery.loaded:
+            log.error(
+                "no usable pods file yet (%s); NOT_SERVING until one loads",
+                self.discovery.last_error,
+            )
+        self._tasks.append(asyncio.create_task(self.discovery.run(self._stop)))
+        self._tasks.append(
+            asyncio.create_task(self.scraper.run(self._scrape_targets, self._on_round, self._stop))
+        )
+
+    def _add_extra_services(self, server: grpc.aio.Server) -> None:
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.feedback, server)
+
+    def _feedback_unreachable(self, address: str, why: str) -> bool:
+        if self.lifecycle.mark_unreachable(address, why):
+            labels = self.router.snapshot.get(address)
+            self.telemetry.als_unreachable.labels(labels.pod.label if labels else address).inc()
+            self.publish()
+            return True
+        return False
+
+    async def _start_metrics(self) -> None:
+        async def metrics(_req: web.Request) -> web.Response:
+            return web.Response(
+                body=generate_latest(self.telemetry.registry),
+                headers={"Content-Type": CONTENT_TYPE_LATEST},
+            )
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        m = self.cfg.router.metrics
+        site = web.TCPSite(runner, m.host, m.port)
+        await site.start()
+        self._metrics_runner = runner
+        sockets = site._server.sockets if site._server else []  # noqa: SLF001
+        self.metrics_port = sockets[0].getsockname()[1] if sockets else m.port
+
+    async def drain_and_stop(self) -> None:
+        """Graceful shutdown: NOT_SERVING now, keep answering for the drain window, exit."""
+        if self.draining:
+            return
+        self.draining = True
+        self.serving = False
+        await self.health.enter_graceful_shutdown()
+        self.telemetry.health.set(0)
+        drain = self.cfg.router.drain_seconds
+        log.info("shutting down: health NOT_SERVING, answering streams for %.1fs", drain)
+        await asyncio.sleep(drain)
+        await self.stop()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+            self._server = None
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
+        await self.scraper.close()
+        log.info("router-ext stopped")
+
+
+async def serve(cfg: RouterConfig) -> int:
+    app = RouterApp(cfg)
+    await app.start()
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    def _signal(sig: signal.Signals) -> None:
+        log.info("received %s", sig.name)
+        loop.create_task(_shutdown())
+
+    async def _shutdown() -> None:
+        await app.drain_and_stop()
+        done.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _signal, sig)
+    await done.wait()
+    return 0

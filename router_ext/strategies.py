@@ -1,0 +1,235 @@
+"""Routing strategies: pick a primary pod and ordered fallbacks from a snapshot.
+
+Hot path. No I/O, no locks, nothing that grows with the pool: metric strategies compare at most
+`sample_size` candidates (power-of-d choices over a uniform sample), and everything derivable
+from metrics alone (cold/stale estimates, per-request KV cost) is precomputed in the snapshot.
+
+Degradation is part of the interface, not a special case inside each strategy:
+`MetricStrategy` scores pods from `PodStatus.score_metrics` (live for warm pods, a conservative
+estimate for cold/stale ones, filled in by the lifecycle) and hands over to `random` when no
+pod has fresh metrics, reporting it as e.g. ``least-kv-cache>random``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from router_ext.config import STRATEGY_NAMES, RoutingSection
+from router_ext.snapshot import EngineMetrics, PodStatus, Snapshot
+
+
+@dataclass(slots=True)
+class PoolView:
+    """A snapshot plus the mutable per-snapshot pick counters.
+
+    `picks[i]` counts primaries chosen for pod i since this snapshot was published: the load
+    this router added that the scraped metrics cannot show yet. A new snapshot (next scrape)
+    starts from zero, because the new metrics already include those requests.
+    """
+
+    snapshot: Snapshot
+    picks: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.picks:
+            self.picks = [0] * len(self.snapshot.pods)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    pods: tuple[PodStatus, ...]  # primary first, then fallbacks; never empty
+    used: str  # strategy actually used, e.g. "least-kv-cache>random"
+    degraded: str = ""  # why the requested strategy could not be used ("" = it was)
+
+    @property
+    def header_value(self) -> str:
+        return ",".join(p.address for p in self.pods)
+
+
+class NoPodError(Exception):
+    """No pod can take the request (empty pool, or every pod unreachable/not ready)."""
+
+
+class Strategy:
+    name = ""
+
+    def __init__(self, cfg: RoutingSection) -> None:
+        self.cfg = cfg
+
+    def pick(self, view: PoolView, rng: random.Random) -> Decision:
+        raise NotImplementedError
+
+    # --- shared mechanics -----------------------------------------------------------------
+    def _finish(
+        self,
+        view: PoolView,
+        ordered: list[PodStatus],
+        rng: random.Random,
+        used: str,
+        degraded: str = "",
+    ) -> Decision:
+        """Apply slow start to the primary, fill fallbacks, count the pick."""
+        snap = view.snapshot
+        want = 1 + self.cfg.fallbacks
+        primary_i = 0
+        for i, p in enumerate(ordered):
+            # Slow start: a new pod takes a primary pick only with probability `ramp`.
+            if p.ramp >= 1.0 or rng.random() < p.ramp:
+                primary_i = i
+                break
+        if primary_i:
+            ordered.insert(0, ordered.pop(primary_i))
+        out = ordered[:want]
+        if len(out) < want:
+            out = _fill(out, snap.routable, want, rng)
+        if len(out) < want and snap.draining:
+            # Draining pods: never a primary while others exist, but a last-resort fallback.
+            out = _fill(out, snap.draining, want, rng)
+        view.picks[out[0].index] += 1
+        return Decision(tuple(out), used, degraded)
+
+
+def _fill(
+    out: list[PodStatus], pool: tuple[PodStatus, ...], want: int, rng: random.Random
+) -> list[PodStatus]:
+    have = {p.index for p in out}
+    n = len(pool)
+    if n == 0:
+        return out
+    start = rng.randrange(n)
+    for k in range(n):
+        p = pool[(start + k) % n]
+        if p.index not in have:
+            out.append(p)
+            have.add(p.index)
+            if len(out) >= want:
+                break
+    return out
+
+
+def _candidates(view: PoolView) -> tuple[PodStatus, ...]:
+    snap = view.snapshot
+    if snap.routable:
+        return snap.routable
+    if snap.draining:
+        return snap.draining  # nothing else left: draining pods beat a 503
+    raise NoPodError("no routable pod")
+
+
+class RandomStrategy(Strategy):
+    name = "random"
+
+    def pick(self, view: PoolView, rng: random.Random, used: str = "", why: str = "") -> Decision:
+        pool = _candidates(view)
+        k = min(len(pool), 1 + self.cfg.fallbacks + 2)
+        return self._finish(view, rng.sample(pool, k), rng, used or self.name, why)
+
+
+class RoundRobinStrategy(Strategy):
+    name = "round-robin"
+
+    def __init__(self, cfg: RoutingSection) -> None:
+        super().__init__(cfg)
+        self._next = 0
+
+    def pick(self, view: PoolView, rng: random.Random) -> Decision:
+        pool = _candidates(view)
+        n = len(pool)
+        i = self._next % n
+        self._next = i + 1
+        k = min(n, 1 + self.cfg.fallbacks + 2)
+        ordered = [pool[(i + j) % n] for j in range(k)]
+        return self._finish(view, ordered, rng, self.name)
+
+
+class MetricStrategy(Strategy):
+    """Scores candidates from metrics; lower is better. Degrades to random when it must."""
+
+    def __init__(self, cfg: RoutingSection, fallback: RandomStrategy) -> None:
+        super().__init__(cfg)
+        self.fallback = fallback
+
+    def unusable(self, snap: Snapshot) -> str:
+        """Why this strategy cannot score the pool right now ("" if it can)."""
+        if not snap.warm:
+            return "no_fresh_metrics"
+        return ""
+
+    def score(self, m: EngineMetrics, picks: int, snap: Snapshot) -> float:
+        raise NotImplementedError
+
+    def pick(self, view: PoolView, rng: random.Random) -> Decision:
+        snap = view.snapshot
+        why = self.unusable(snap) if snap.routable else ""
+        if why:
+            return self.fallback.pick(view, rng, used=f"{self.name}>random", why=why)
+        pool = _candidates(view)
+        k = self.cfg.sample_size
+        # rng.sample also shuffles, so equal scores are broken at random, not by pool order.
+        cands = rng.sample(pool, k if len(pool) > k else len(pool))
+        picks = view.picks
+        median = snap.warm_median
+        scored: list[tuple[float, PodStatus]] = []
+        for p in cands:
+            m = p.score_metrics or median
+            s = self.score(m, picks[p.index], snap) if m is not None else 1e18
+            scored.append((s, p))
+        scored.sort(key=_first)
+        return self._finish(view, [p for _, p in scored], rng, self.name)
+
+
+def _first(t: tuple[float, PodStatus]) -> float:
+    return t[0]
+
+
+class LeastRequestStrategy(MetricStrategy):
+    """running + waiting as scraped, plus the picks this router made since that scrape."""
+
+    name = "least-request"
+
+    def score(self, m: EngineMetrics, picks: int, snap: Snapshot) -> float:
+        return m.running + m.waiting + picks
+
+
+class LeastQueueStrategy(MetricStrategy):
+    """Fewest waiting first, then fewest running (a pick adds to running: it may start)."""
+
+    name = "least-queue"
+
+    def score(self, m: EngineMetrics, picks: int, snap: Snapshot) -> float:
+        return m.waiting * 1e4 + m.running + picks
+
+
+class LeastKVCacheStrategy(MetricStrategy):
+    """Lowest KV-cache use; each pick since the scrape adds one request's typical KV share."""
+
+    name = "least-kv-cache"
+
+    def unusable(self, snap: Snapshot) -> str:
+        why = super().unusable(snap)
+        if why:
+            return why
+        if snap.warm_median is None or snap.warm_median.kv_cache_usage is None:
+            return "no_kv_metric"
+        return ""
+
+    def score(self, m: EngineMetrics, picks: int, snap: Snapshot) -> float:
+        kv = m.kv_cache_usage
+        if kv is None:  # this engine does not export KV use: assume the pool's median
+            med = snap.warm_median
+            kv = med.kv_cache_usage if med is not None and med.kv_cache_usage is not None else 0.5
+        return kv + picks * snap.kv_per_request
+
+
+def build_strategies(cfg: RoutingSection) -> dict[str, Strategy]:
+    rnd = RandomStrategy(cfg)
+    out: dict[str, Strategy] = {
+        "random": rnd,
+        "round-robin": RoundRobinStrategy(cfg),
+        "least-request": LeastRequestStrategy(cfg, rnd),
+        "least-kv-cache": LeastKVCacheStrategy(cfg, rnd),
+        "least-queue": LeastQueueStrategy(cfg, rnd),
+    }
+    assert tuple(out) == STRATEGY_NAMES
+    return out

@@ -1,0 +1,199 @@
+"""Pod lifecycle: every state transition, logged once, and the conservative estimates."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import pytest
+
+from router_ext.config import RouterConfig, RoutingSection, ScrapeSection
+from router_ext.lifecycle import RAMP_FLOOR, conservative_estimate
+from router_ext.snapshot import EngineMetrics, PodState
+from tests.helpers import fail, lifecycle, ok, pods
+
+
+def states(lc) -> dict[str, PodState]:  # type: ignore[no-untyped-def]
+    return {p.pod.name: p.state for p in lc.build_snapshot().pods}
+
+
+def test_cold_warm_stale_warm() -> None:
+    lc, clk = lifecycle()
+    ps = pods(1)
+    lc.apply_discovery(ps)
+    assert states(lc) == {"pod-0": PodState.COLD}
+    lc.apply_scrape([ok(ps[0], clk.t, running=1)])
+    assert states(lc) == {"pod-0": PodState.WARM}
+    clk.advance(RouterConfig().scrape.stale_after_s + 0.1)
+    assert states(lc) == {"pod-0": PodState.STALE}
+    lc.apply_scrape([ok(ps[0], clk.t)])
+    assert states(lc) == {"pod-0": PodState.WARM}
+
+
+def test_metrics_http_error_goes_stale_not_unreachable() -> None:
+    lc, clk = lifecycle()
+    ps = pods(1)
+    lc.apply_discovery(ps)
+    lc.apply_scrape([fail(ps[0], clk.t, "http_503")])
+    snap = lc.build_snapshot()
+    assert snap.pods[0].state is PodState.COLD  # answers, but no metrics yet
+    lc.apply_scrape([ok(ps[0], clk.t)])
+    for _ in range(5):
+        clk.advance(0.5)
+        lc.apply_scrape([fail(ps[0], clk.t, "http_500")])
+    assert states(lc) == {"pod-0": PodState.STALE}
+
+
+def test_refused_is_unreachable_at_once_and_readmitted() -> None:
+    lc, clk = lifecycle()
+    ps = pods(2)
+    lc.apply_discovery(ps)
+    lc.apply_scrape([ok(p, clk.t) for p in ps])
+    lc.apply_scrape([fail(ps[0], clk.t, "refused"), ok(ps[1], clk.t)])
+    snap = lc.build_snapshot()
+    assert snap.pods[0].state is PodState.UNREACHABLE
+    assert [p.pod.name for p in snap.routable] == ["pod-1"]
+    lc.apply_scrape([ok(ps[0], clk.t), ok(ps[1], clk.t)])
+    assert states(lc)["pod-0"] is PodState.WARM
+
+
+def test_timeouts_need_threshold() -> None:
+    cfg = RouterConfig(scrape=ScrapeSection(unreachable_after_timeouts=2))
+    lc, clk = lifecycle(cfg)
+    ps = pods(1)
+    lc.apply_discovery(ps)
+    lc.apply_scrape([ok(ps[0], clk.t)])
+    lc.apply_scrape([fail(ps[0], clk.t, "timeout")])
+    assert states(lc)["pod-0"] is PodState.WARM
+    lc.apply_scrape([fail(ps[0], clk.t, "timeout")])
+    assert states(lc)["pod-0"] is PodState.UNREACHABLE
+
+
+def test_envoy_feedback_marks_unreachable() -> None:
+    lc, clk = lifecycle()
+    ps = pods(2)
+    lc.apply_discovery(ps)
+    lc.apply_scrape([ok(p, clk.t) for p in ps])
+    assert lc.mark_unreachable(ps[1].address, "envoy: connect failure")
+    assert not lc.mark_unreachable(ps[1].address, "again")  # already out: no new event
+    assert not lc.mark_unreachable("10.9.9.9:1", "not a pod")
+    assert states(lc)["pod-1"] is PodState.UNREACHABLE
+
+
+def test_draining_and_not_ready_from_discovery() -> None:
+    lc, clk = lifecycle()
+    ps = pods(3)
+    lc.apply_discovery(ps)
+    lc.apply_scrape([ok(p, clk.t) for p in ps])
+    lc.apply_discovery([ps[0], replace(ps[1], draining=True), replace(ps[2], ready=False)])
+    snap = lc.build_snapshot()
+    assert [p.state for p in snap.pods] == [PodState.WARM, PodState.DRAINING, PodState.NOT_READY]
+    assert [p.pod.name for p in snap.routable] == ["pod-0"]
+    assert [p.pod.name for p in snap.draining] == ["pod-1"]
+
+
+def test_ready_again_restarts_cold_and_slow_start() -> None:
+    cfg = RouterConfig(routing=RoutingSection(slow_start_s=10))
+    lc, clk = lifecycle(cfg)
+    ps = pods(2)
+    lc.apply_discovery(ps)
+    lc.apply_scrape([ok(p, clk.t) for p in ps])
+    lc.apply_discovery([ps[0], replace(ps[1], ready=False)])
+    clk.advance(1)
+    lc.apply_discovery(ps)
+    snap = lc.build_snapshot()
+    assert snap.pods[1].state is PodState.COLD  # old metrics are not trusted after a restart
+    assert snap.pods[1].ramp == pytest.approx(RAMP_FLOOR)
+    clk.advance(5)
+    assert lc.build_snapshot().pods[1].ramp == pytest.approx(0.5)
+    clk.advance(6)
+    assert lc.build_snapshot().pods[1].ramp == 1.0
+
+
+def test_pods_known_at_start_are_not_slow_started() -> None:
+    lc, _ = lifecycle()
+    lc.apply_discovery(pods(2))
+    assert all(p.ramp == 1.0 for p in lc.build_snapshot().pods)
+
+
+def test_new_pod_ramp_ends_early_when_keeping_up() -> None:
+    cfg = RouterConfig(routing=RoutingSection(slow_start_s=10))
+    lc, clk = lifecycle(cfg)
+    ps = pods(3)
+    lc.apply_discovery(ps[:2])
+    lc.apply_scrape([ok(p, clk.t, waiting=3) for p in ps[:2]])
+    lc.apply_discovery(ps)
+    clk.advance(6)
+    lc.apply_scrape([ok(p, clk.t, waiting=3) for p in ps[:2]] + [ok(ps[2], clk.t, waiting=0)])
+    assert lc.build_snapshot().pods[2].ramp == 1.0
+
+
+def test_each_state_change_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="router_ext.lifecycle")
+    lc, clk = lifecycle()
+    ps = pods(1)
+    lc.apply_discovery(ps)
+    for _ in range(10):
+        lc.apply_scrape([fail(ps[0], clk.t, "refused")])
+        lc.build_snapshot()
+    lines = [r.getMessage() for r in caplog.records if "->" in r.getMessage()]
+    assert len(lines) == 1
+    assert "cold -> unreachable" in lines[0]
+    assert "refused" in lines[0]
+
+
+def test_coldstart_duration_reported_once() -> None:
+    lc, clk = lifecycle()
+    seen: list[float] = []
+    lc.coldstart_listeners.append(lambda pod, s: seen.append(s))
+    ps = pods(2)
+    lc.apply_discovery(ps[:1])
+    lc.apply_discovery(ps)  # pod-1 joins later: its Ready time is known
+    clk.advance(7)
+    lc.apply_scrape([ok(p, clk.t) for p in ps])
+    lc.apply_scrape([ok(p, clk.t) for p in ps])
+    assert seen == [pytest.approx(7.0)]
+
+
+def test_model_mismatch_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    lc, clk = lifecycle()
+    p = replace(pods(1)[0], model="llama")
+    lc.apply_discovery([p])
+    r = ok(p, clk.t)
+    assert r.metrics is not None
+    r = replace(r, metrics=replace(r.metrics, models=frozenset({"qwen"})))
+    lc.apply_scrape([r])
+    lc.apply_scrape([r])
+    msgs = [x.getMessage() for x in caplog.records if "reports model" in x.getMessage()]
+    assert len(msgs) == 1
+    assert states(lc)["pod-0"] is PodState.WARM  # still routed
+
+
+def test_flapping_ready_does_not_crash_and_never_routes_not_ready() -> None:
+    lc, clk = lifecycle()
+    ps = pods(2)
+    lc.apply_discovery(ps)
+    lc.apply_scrape([ok(p, clk.t) for p in ps])
+    for i in range(20):
+        clk.advance(1)
+        flag = i % 2 == 0
+        lc.apply_discovery([ps[0], replace(ps[1], ready=not flag)])
+        snap = lc.build_snapshot()
+        names = {p.pod.name for p in snap.routable}
+        assert ("pod-1" in names) == (not flag)
+
+
+def test_conservative_estimates() -> None:
+    median = EngineMetrics(running=4, waiting=2, kv_cache_usage=0.5)
+    idle = EngineMetrics(running=0, waiting=0, kv_cache_usage=0.0)
+    busy = EngineMetrics(running=8, waiting=9, kv_cache_usage=0.9)
+    assert conservative_estimate(PodState.WARM, idle, median) is idle
+    assert conservative_estimate(PodState.COLD, None, median) == median
+    stale_idle = conservative_estimate(PodState.STALE, idle, median)
+    assert stale_idle is not None
+    assert (stale_idle.running, stale_idle.waiting, stale_idle.kv_cache_usage) == (4, 2, 0.5)
+    stale_busy = conservative_estimate(PodState.STALE, busy, median)
+    assert stale_busy is not None and stale_busy.waiting == 9
+    assert conservative_estimate(PodState.COLD, None, None) is None
+    assert conservative_estimate(PodState.UNREACHABLE, idle, median) is None
