@@ -31,7 +31,8 @@ EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 STRATEGY_NAMES = ("random", "round-robin", "least-request", "least-kv-cache", "least-queue")
 
-_Port = Annotated[int, Field(ge=1, le=65535)]
+# 0 = pick a free port (tests); the bound port is logged.
+_Port = Annotated[int, Field(ge=0, le=65535)]
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,9 @@ class EnvoySection(_Strict):
     # gRPC health check on the router (ext_proc cluster): a hung router is out in ~2 intervals.
     router_health_interval_ms: int = Field(default=250, ge=50)
     access_log_path: str = "/dev/null"
+    # Echo the router's full answer (x-target-pod) to the client. Off by default: it exposes
+    # pod addresses. The demo and the end-to-end tests turn it on to check routing.
+    echo_target_pod: bool = False
 
 
 class RouterConfig(_Strict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -112,7 +113,9 @@ class _Demo:
             self.event("router restarted")
         elif what == "add_cold_pod":
             name = f"pod-{len(st.pods)}"
-            info = st.control("POST", "/pods", {"name": name, "metrics_delay_s": self.args.cold_delay})
+            info = st.control(
+                "POST", "/pods", {"name": name, "metrics_delay_s": self.args.cold_delay}
+            )
             addr = info.get("address", "?") if isinstance(info, dict) else "?"
             st.pods[name] = addr
             self.event(f"added cold pod {name} ({addr}), metrics in {self.args.cold_delay:.0f}s")
@@ -167,10 +170,8 @@ class _Demo:
             text = await asyncio.to_thread(self.table)
             sys.stdout.write("\x1b[H\x1b[2J" + text + "\n(Ctrl-C to stop)\n")
             sys.stdout.flush()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except asyncio.TimeoutError:
-                pass
 
     # --- summary -----------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ error is logged once per distinct error, so an operator's typo cannot take the f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -183,8 +184,10 @@ class PodsFileDiscovery:
 
     def _fail(self, msg: str) -> None:
         if msg != self.last_error:
-            kept = f"keeping last good set of {len(self.pods)} pods" if self.loaded else (
-                "no pods loaded yet"
+            kept = (
+                f"keeping last good set of {len(self.pods)} pods"
+                if self.loaded
+                else ("no pods loaded yet")
             )
             log.error("discovery error: %s (%s)", msg, kept)
             self.last_error = msg
@@ -209,7 +212,5 @@ class PodsFileDiscovery:
                 self.check()
             except Exception:  # a listener bug must not stop discovery
                 log.exception("discovery listener failed")
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.poll_interval_s)
-            except asyncio.TimeoutError:
-                pass

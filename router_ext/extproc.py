@@ -113,9 +113,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if isinstance(result, NotReady):
             # No snapshot yet: send no x-target-pod, Envoy's fallback policy balances.
             return _CONTINUE_HEADERS_REQ
-        log.info(
-            "request %s answered %d: %s", request_id or "-", result.status, result.code
-        )
+        log.info("request %s answered %d: %s", request_id or "-", result.status, result.code)
         return error_response(result)
 
     def _client_target_header(self) -> None:
@@ -128,7 +126,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 _TARGET,
             )
 
-    async def Process(  # noqa: N802 (gRPC method name)
+    async def Process(
         self,
         request_iterator: AsyncIterator[ep.ProcessingRequest],
         context: grpc.aio.ServicerContext,

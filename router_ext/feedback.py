@@ -90,18 +90,19 @@ class FeedbackSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
             if TARGET_POD_HEADER in hdrs:
                 primary = hdrs[TARGET_POD_HEADER].split(",", 1)[0].strip()
             failure = _conn_failure(c.response_flags)
-            if host and failure:
-                if self._mark_unreachable(host, f"envoy: {failure}"):
-                    log.warning("pod %s marked unreachable from Envoy feedback: %s", host, failure)
+            if host and failure and self._mark_unreachable(host, f"envoy: {failure}"):
+                log.warning("pod %s marked unreachable from Envoy feedback: %s", host, failure)
             # Envoy retried away from our primary: the primary refused, reset or 5xx'd. A good
             # scrape re-admits it, so a false positive costs at most one scrape interval.
-            if primary and c.upstream_request_attempt_count > 1 and host and host != primary:
-                if self._mark_unreachable(primary, "envoy: retried away from it"):
-                    log.warning(
-                        "pod %s marked unreachable: Envoy retried the request on %s",
-                        primary,
-                        host,
-                    )
+            retried_away = c.upstream_request_attempt_count > 1 and host and host != primary
+            if (
+                primary
+                and retried_away
+                and self._mark_unreachable(primary, "envoy: retried away from it")
+            ):
+                log.warning(
+                    "pod %s marked unreachable: Envoy retried the request on %s", primary, host
+                )
             if primary:
                 self._completed(primary)
             if host:
@@ -131,10 +132,12 @@ class FeedbackSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
         ttfb = _seconds(c.time_to_first_upstream_rx_byte)
         if ttfb is not None:
             fb.ttfb_ewma_s = (
-                ttfb if fb.ttfb_ewma_s is None else fb.ttfb_ewma_s + EWMA_ALPHA * (ttfb - fb.ttfb_ewma_s)
+                ttfb
+                if fb.ttfb_ewma_s is None
+                else fb.ttfb_ewma_s + EWMA_ALPHA * (ttfb - fb.ttfb_ewma_s)
             )
 
-    async def StreamAccessLogs(  # noqa: N802 (gRPC method name)
+    async def StreamAccessLogs(
         self,
         request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
         context: grpc.aio.ServicerContext,

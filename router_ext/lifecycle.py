@@ -48,6 +48,7 @@ class _PodRecord:
     # Slow start ends early once the pod is warm and keeping up.
     ramp_done: bool = False
     model_mismatch_logged: bool = False
+    scraped_once: bool = False  # at least one scrape attempt finished (ok or not)
     state_changes: int = 0
     history: list[tuple[float, PodState, str]] = field(default_factory=list)
 
@@ -69,6 +70,8 @@ class PodLifecycle:
         self._version = 0
         self.discovery_loaded = False
         self.rounds_done = 0
+        # Latched: discovery loaded AND every ready pod scraped once (health turns SERVING).
+        self.ready = False
         self._started_at = clock()
         self._listeners: list[StateListener] = []
         self.coldstart_listeners: list[Callable[[Pod, float], None]] = []
@@ -114,6 +117,7 @@ class PodLifecycle:
             rec = self._records.get(r.address)
             if rec is None:
                 continue  # pod left discovery while we scraped it
+            rec.scraped_once = True
             if r.ok and r.metrics is not None:
                 if rec.unreachable:
                     log.info("pod %s re-admitted: scrape succeeded", rec.pod.label)
@@ -139,12 +143,12 @@ class PodLifecycle:
                 rec.consecutive_timeouts += 1
                 if rec.consecutive_timeouts >= sc.unreachable_after_timeouts:
                     rec.unreachable = True
-                    rec.unreachable_why = (
-                        f"{rec.consecutive_timeouts} consecutive scrape time-outs"
-                    )
+                    rec.unreachable_why = f"{rec.consecutive_timeouts} consecutive scrape time-outs"
             # http_5xx / parse errors: the pod answers, its metrics are just unusable; it goes
             # stale (or stays cold) by age rather than being taken out of rotation.
         self.rounds_done += 1
+        if self.discovery_loaded and not self.ready:
+            self.ready = all(r.scraped_once for r in self._records.values() if r.pod.ready)
         self._rederive(now)
 
     def mark_unreachable(self, address: str, why: str) -> bool:
@@ -233,10 +237,15 @@ class PodLifecycle:
             rec.ramp_done = True
             return 1.0
         # "Until its metrics show it is keeping up": warm and no more queued than the pool.
-        if rec.state is PodState.WARM and rec.metrics is not None and median is not None:
-            if rec.metrics.waiting <= median.waiting and frac >= 0.5:
-                rec.ramp_done = True
-                return 1.0
+        if (
+            rec.state is PodState.WARM
+            and rec.metrics is not None
+            and median is not None
+            and rec.metrics.waiting <= median.waiting
+            and frac >= 0.5
+        ):
+            rec.ramp_done = True
+            return 1.0
         return max(RAMP_FLOOR, frac)
 
     # --- output --------------------------------------------------------------------------
@@ -244,7 +253,7 @@ class PodLifecycle:
         now = self.clock()
         self._rederive(now)
         self._version += 1
-        ready = self.discovery_loaded and self.rounds_done > 0
+        ready = self.ready
         statuses: list[PodStatus] = []
         recs = list(self._records.values())
         # Median first (ramp needs it); Snapshot.build recomputes the same from warm pods.

@@ -45,7 +45,9 @@ class LoadSpec:
 
 
 def _body(spec: LoadSpec, rng: random.Random) -> bytes:
-    words = " ".join(rng.choice(("alpha", "beta", "gamma", "delta")) for _ in range(spec.prompt_words))
+    words = " ".join(
+        rng.choice(("alpha", "beta", "gamma", "delta")) for _ in range(spec.prompt_words)
+    )
     return json.dumps(
         {
             "model": spec.model,
@@ -188,5 +190,5 @@ def percentile(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
     s = sorted(xs)
-    k = min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
     return s[k]

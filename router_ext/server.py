@@ -63,6 +63,8 @@ class RouterApp:
         self.draining = False
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._known: set[str] = set()
         self._server: grpc.aio.Server | None = None
         self._metrics_runner: web.AppRunner | None = None
         self.grpc_port = 0
@@ -70,10 +72,22 @@ class RouterApp:
 
     # --- data flow ---------------------------------------------------------------------
     def _on_discovery(self, pods: Sequence[Pod]) -> None:
+        known = self._known
+        self._known = {p.address for p in pods}
         self.lifecycle.apply_discovery(pods)
         self.publish()
         if self.write_eds:
             self._write_eds(pods)
+        # New pods are scraped at once rather than at the next tick: their cold window (and
+        # the router's first SERVING) should not wait up to a whole interval.
+        new = [p for p in pods if p.ready and p.address not in known]
+        if new and self._server is not None:
+            task = asyncio.get_running_loop().create_task(self._scrape_new(new))
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+
+    async def _scrape_new(self, pods: Sequence[Pod]) -> None:
+        self._on_round(await self.scraper.scrape_round(pods))
 
     def _write_eds(self, pods: Sequence[Pod]) -> None:
         from router_ext.envoy_config import write_eds_file
@@ -179,7 +193,8 @@ class RouterApp:
         site = web.TCPSite(runner, m.host, m.port)
         await site.start()
         self._metrics_runner = runner
-        sockets = site._server.sockets if site._server else []  # noqa: SLF001
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
         self.metrics_port = sockets[0].getsockname()[1] if sockets else m.port
 
     async def drain_and_stop(self) -> None:
@@ -197,9 +212,9 @@ class RouterApp:
 
     async def stop(self) -> None:
         self._stop.set()
-        for t in self._tasks:
+        for t in (*self._tasks, *self._side_tasks):
             t.cancel()
-        for t in self._tasks:
+        for t in (*self._tasks, *self._side_tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
@@ -219,9 +234,11 @@ async def serve(cfg: RouterConfig) -> int:
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
 
+    pending: set[asyncio.Task[None]] = set()
+
     def _signal(sig: signal.Signals) -> None:
         log.info("received %s", sig.name)
-        loop.create_task(_shutdown())
+        pending.add(loop.create_task(_shutdown()))
 
     async def _shutdown() -> None:
         await app.drain_and_stop()

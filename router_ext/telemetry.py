@@ -230,7 +230,9 @@ class Telemetry:
         for r in results:
             self.scrape_duration.observe(r.duration_s)
             if not r.ok:
-                self.scrape_errors.labels(self._pod_labels.get(r.address, r.address), r.reason).inc()
+                self.scrape_errors.labels(
+                    self._pod_labels.get(r.address, r.address), r.reason
+                ).inc()
 
     def on_state_change(self, old: PodState, new: PodState) -> None:
         self.state_changes.labels(old.value, new.value).inc()

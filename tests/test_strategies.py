@@ -24,7 +24,13 @@ def snapshot_with(loads: list[tuple[float, float, float] | None], cfg: RouterCon
     lc, clk = lifecycle(cfg)
     ps = pods(len(loads))
     lc.apply_discovery(ps)
-    lc.apply_scrape([ok(p, clk.t, *load) for p, load in zip(ps, loads, strict=True) if load])
+    # Cold pods answer /metrics with 503 (vLLM still starting): scraped, but no metrics yet.
+    lc.apply_scrape(
+        [
+            ok(p, clk.t, *load) if load else fail(p, clk.t, "http_503")
+            for p, load in zip(ps, loads, strict=True)
+        ]
+    )
     return lc.build_snapshot(), lc, clk, ps
 
 

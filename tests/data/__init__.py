@@ -1,0 +1,1 @@
+"""Test data: sample /metrics pages and the generator that writes them."""

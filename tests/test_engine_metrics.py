@@ -1,0 +1,356 @@
+"""parse_engine_metrics: the four engine dialects, data-parallel aggregation, bad values, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import pytest
+
+from router_ext.engine_metrics import (
+    NO_KNOWN_METRICS,
+    MetricsParseError,
+    NoKnownMetricsError,
+    histogram_quantile,
+    parse_engine_metrics,
+)
+from router_ext.snapshot import EngineMetrics
+from tests.data.metrics_samples import (
+    DEFAULT_MODEL,
+    SAMPLES,
+    SGLANG_CACHE_HIT_RATE,
+    SGLANG_ENGINE,
+    SGLANG_TTFT_BUCKETS,
+    TRTLLM_ENGINE,
+    V0_ENGINE,
+    V0_PREFIX_HIT_RATE,
+    V1_ENGINES,
+    VLLM_TTFT_BUCKETS,
+    process_families,
+    read_sample,
+    render,
+)
+
+M = 'model_name="m"'
+
+
+def _no_nan(m: EngineMetrics) -> None:
+    for f in dataclasses.fields(m):
+        v = getattr(m, f.name)
+        if isinstance(v, float):
+            assert not math.isnan(v), f.name
+
+
+def _expected_p90(bucket_list: list[float], *observation_sets: Sequence[float]) -> float:
+    """Independent re-derivation: cumulative counts straight from the observations, then
+    Prometheus' linear interpolation inside the bucket that holds rank 0.9 * total."""
+    obs = sorted(o for s in observation_sets for o in s)
+    total = len(obs)
+    rank = 0.9 * total
+    lower, below = 0.0, 0
+    for le in bucket_list:
+        c = sum(1 for o in obs if o <= le)
+        if c >= rank:
+            return lower + (le - lower) * (rank - below) / (c - below)
+        lower, below = le, c
+    return bucket_list[-1]
+
+
+# --- checked-in samples ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_sample_files_match_generator(name: str) -> None:
+    # tests/data/*.txt are what `python -m tests.data.metrics_samples` writes; keep them in step.
+    assert read_sample(name) == SAMPLES[name]()
+
+
+def test_vllm_v1_two_engines() -> None:
+    text = read_sample("vllm_v1.txt")
+    assert "_created{" in text and 'engine="1"' in text  # the page is what the test claims
+    m = parse_engine_metrics(text)
+    e0, e1 = V1_ENGINES
+    assert m.engine == "vllm"
+    assert m.num_engines == 2
+    assert m.models == frozenset({DEFAULT_MODEL})
+    assert m.running == e0.running + e1.running
+    assert m.waiting == e0.waiting + e1.waiting
+    assert m.kv_cache_usage == pytest.approx((e0.kv + e1.kv) / 2)
+    assert m.prefix_cache_hit_rate == pytest.approx(
+        (e0.prefix_hits + e1.prefix_hits) / (e0.prefix_queries + e1.prefix_queries)
+    )
+    assert m.ttft_p90_s == pytest.approx(_expected_p90(VLLM_TTFT_BUCKETS, e0.ttft, e1.ttft))
+    _no_nan(m)
+
+
+def test_vllm_v0() -> None:
+    m = parse_engine_metrics(read_sample("vllm_v0.txt"))
+    assert m.engine == "vllm-v0"
+    assert m.num_engines == 1
+    assert (m.running, m.waiting) == (V0_ENGINE.running, V0_ENGINE.waiting)
+    assert m.kv_cache_usage == pytest.approx(V0_ENGINE.kv)
+    # The gauge, not cpu_prefix_cache_hit_rate (-1 = CPU cache off) next to it.
+    assert m.prefix_cache_hit_rate == pytest.approx(V0_PREFIX_HIT_RATE)
+    assert m.ttft_p90_s == pytest.approx(_expected_p90(VLLM_TTFT_BUCKETS, V0_ENGINE.ttft))
+    assert m.models == frozenset({DEFAULT_MODEL})
+
+
+def test_sglang() -> None:
+    m = parse_engine_metrics(read_sample("sglang.txt"))
+    assert m.engine == "sglang"
+    assert (m.running, m.waiting) == (SGLANG_ENGINE.running, SGLANG_ENGINE.waiting)
+    assert m.kv_cache_usage == pytest.approx(SGLANG_ENGINE.kv)
+    assert m.prefix_cache_hit_rate == pytest.approx(SGLANG_CACHE_HIT_RATE)
+    assert m.ttft_p90_s == pytest.approx(_expected_p90(SGLANG_TTFT_BUCKETS, SGLANG_ENGINE.ttft))
+    assert m.num_engines == 1
+    assert m.models == frozenset({DEFAULT_MODEL})
+
+
+def test_trtllm() -> None:
+    m = parse_engine_metrics(read_sample("trtllm.txt"))
+    assert m.engine == "trtllm"
+    assert (m.running, m.waiting) == (TRTLLM_ENGINE.running, TRTLLM_ENGINE.waiting)
+    assert m.kv_cache_usage == pytest.approx(TRTLLM_ENGINE.kv)
+    assert m.prefix_cache_hit_rate == pytest.approx(0.31)
+    assert m.ttft_p90_s is not None and 0.05 < m.ttft_p90_s < 0.5
+    assert m.models == frozenset({DEFAULT_MODEL})
+
+
+def test_ttft_can_be_skipped() -> None:
+    m = parse_engine_metrics(read_sample("vllm_v1.txt"), ttft=False)
+    assert m.ttft_p90_s is None
+    assert m.running == 12
+
+
+# --- aggregation details -------------------------------------------------------------------------
+
+
+def test_created_samples_are_ignored() -> None:
+    text = f"""# HELP vllm:num_requests_running x
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{{engine="0",{M}}} 2.0
+# HELP vllm:prefix_cache_hits_total x
+# TYPE vllm:prefix_cache_hits_total counter
+vllm:prefix_cache_hits_total{{engine="0",{M}}} 30.0
+# HELP vllm:prefix_cache_hits_created x
+# TYPE vllm:prefix_cache_hits_created gauge
+vllm:prefix_cache_hits_created{{engine="0",{M}}} 1.7470491112846959e+09
+# HELP vllm:prefix_cache_queries_total x
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{{engine="0",{M}}} 120.0
+# HELP vllm:prefix_cache_queries_created x
+# TYPE vllm:prefix_cache_queries_created gauge
+vllm:prefix_cache_queries_created{{engine="0",{M}}} 1.7470491112846959e+09
+"""
+    m = parse_engine_metrics(text)
+    assert m.prefix_cache_hit_rate == pytest.approx(0.25)
+    assert m.waiting == 0.0  # not exported here: counts as 0 because running is there
+    assert m.engine == "vllm"
+
+
+def test_prefix_counters_without_queries_yet() -> None:
+    text = f"""vllm:num_requests_running{{{M}}} 0
+vllm:prefix_cache_hits_total{{{M}}} 0
+vllm:prefix_cache_queries_total{{{M}}} 0
+"""
+    assert parse_engine_metrics(text).prefix_cache_hit_rate is None
+
+
+def test_sglang_data_parallel_uses_dp_rank() -> None:
+    lines = []
+    for rank, (run, queue, usage) in enumerate([(3, 1, 0.2), (5, 0, 0.4)]):
+        labels = f'dp_rank="{rank}",engine_type="unified",{M},tp_rank="0"'
+        lines += [
+            f"sglang:num_running_reqs{{{labels}}} {run}",
+            f"sglang:num_queue_reqs{{{labels}}} {queue}",
+            f"sglang:token_usage{{{labels}}} {usage}",
+        ]
+    m = parse_engine_metrics("\n".join(lines) + "\n")
+    assert (m.running, m.waiting, m.num_engines) == (8, 1, 2)
+    assert m.kv_cache_usage == pytest.approx(0.3)
+
+
+def test_unlabelled_page_without_comments() -> None:
+    # A hand-written exporter: no HELP/TYPE, no labels, a timestamp, CRLF line ends.
+    text = "trtllm_num_requests_running 3 1747049111000\r\ntrtllm_num_requests_waiting 1\r\n"
+    m = parse_engine_metrics(text)
+    assert (m.running, m.waiting, m.engine) == (3, 1, "trtllm")
+    assert m.models == frozenset()
+    assert m.num_engines == 1
+    assert m.kv_cache_usage is None and m.ttft_p90_s is None and m.prefix_cache_hit_rate is None
+
+
+def test_model_mismatch_still_returns_what_the_pod_reports() -> None:
+    m = parse_engine_metrics(read_sample("vllm_v1.txt"), model="Qwen/Qwen2.5-7B-Instruct")
+    assert m.models == frozenset({DEFAULT_MODEL})
+    assert m.running == 12
+
+
+def test_family_names_must_match_exactly() -> None:
+    # `vllm:num_requests_running_total_x` is not `vllm:num_requests_running`.
+    text = "vllm:num_requests_running_extra 99\nvllm:num_requests_running 2\n"
+    assert parse_engine_metrics(text).running == 2
+
+
+# --- bad values: never NaN, clamped or missing ---------------------------------------------------
+
+
+def _v1(run0: str, run1: str, kv0: str = "0.5", kv1: str = "0.5", wait: str = "1") -> str:
+    out = []
+    for e, run, kv in (("0", run0, kv0), ("1", run1, kv1)):
+        lab = f'engine="{e}",{M}'
+        out += [
+            f"vllm:num_requests_running{{{lab}}} {run}",
+            f"vllm:num_requests_waiting{{{lab}}} {wait}",
+            f"vllm:kv_cache_usage_perc{{{lab}}} {kv}",
+        ]
+    return "\n".join(out) + "\n"
+
+
+def test_nan_gauge_is_missing_not_zero_and_not_nan() -> None:
+    m = parse_engine_metrics(_v1("NaN", "4", kv0="NaN", kv1="0.25"))
+    assert m.running == 4  # the engine that can count
+    assert m.kv_cache_usage == 0.25  # average over engines that report it
+    assert m.num_engines == 2
+    _no_nan(m)
+
+
+def test_all_kv_nan_gives_none() -> None:
+    m = parse_engine_metrics(_v1("1", "1", kv0="NaN", kv1="+Inf"))
+    assert m.kv_cache_usage is None
+    _no_nan(m)
+
+
+def test_running_and_waiting_all_nan_is_not_an_idle_pod() -> None:
+    with pytest.raises(NoKnownMetricsError, match="NaN"):
+        parse_engine_metrics(_v1("NaN", "+Inf", wait="NaN"))
+
+
+def test_negative_counts_clamp_to_zero() -> None:
+    m = parse_engine_metrics(_v1("-3", "2", wait="-1"))
+    assert (m.running, m.waiting) == (2, 0)
+
+
+def test_kv_is_clamped_to_unit_interval() -> None:
+    assert parse_engine_metrics(_v1("1", "1", kv0="1.7", kv1="1.0")).kv_cache_usage == 1.0
+    assert parse_engine_metrics(_v1("1", "1", kv0="-0.2", kv1="0.0")).kv_cache_usage == 0.0
+
+
+def test_negative_hit_rate_gauge_means_no_signal() -> None:
+    text = f"vllm:num_requests_running{{{M}}} 1\nvllm:gpu_prefix_cache_hit_rate{{{M}}} -1\n"
+    m = parse_engine_metrics(text)
+    assert m.prefix_cache_hit_rate is None
+    assert m.engine == "vllm-v0"
+
+
+def test_nan_bucket_count_drops_the_ttft_estimate_only() -> None:
+    text = f"""vllm:num_requests_running{{{M}}} 1
+vllm:time_to_first_token_seconds_bucket{{le="0.5",{M}}} NaN
+vllm:time_to_first_token_seconds_bucket{{le="+Inf",{M}}} 4
+"""
+    m = parse_engine_metrics(text)
+    assert m.ttft_p90_s is None and m.running == 1
+
+
+# --- p90 from buckets ----------------------------------------------------------------------------
+
+
+def test_histogram_quantile_hand_checked() -> None:
+    # 100 observations; rank 0.9 * 100 = 90 falls in (1.0, 2.5], which holds 80..100:
+    # 1.0 + (2.5 - 1.0) * (90 - 80) / (100 - 80) = 1.75.
+    b = {0.1: 10.0, 0.5: 40.0, 1.0: 80.0, 2.5: 100.0, math.inf: 100.0}
+    assert histogram_quantile(0.9, b) == pytest.approx(1.75)
+    # rank 50 in (0.5, 1.0]: 0.5 + 0.5 * (50 - 40) / 40 = 0.625
+    assert histogram_quantile(0.5, b) == pytest.approx(0.625)
+    # first bucket interpolates from 0: rank 9 of 10 in (0, 0.5] -> 0.45
+    assert histogram_quantile(0.9, {0.5: 10.0, math.inf: 10.0}) == pytest.approx(0.45)
+    # rank in the +Inf bucket -> the highest finite bound (Prometheus saturates there)
+    assert histogram_quantile(0.9, {0.5: 1.0, 1.0: 2.0, math.inf: 10.0}) == 1.0
+    # no observations / no +Inf bucket -> no estimate
+    assert histogram_quantile(0.9, {0.5: 0.0, math.inf: 0.0}) is None
+    assert histogram_quantile(0.9, {0.5: 3.0}) is None
+
+
+def test_p90_merges_engines_by_summing_buckets() -> None:
+    # engine 0 + engine 1 == the hand-checked histogram above -> 1.75
+    per_engine = {
+        "0": {"0.1": 4, "0.5": 15, "1.0": 30, "2.5": 40, "+Inf": 40},
+        "1": {"0.1": 6, "0.5": 25, "1.0": 50, "2.5": 60, "+Inf": 60},
+    }
+    lines = ["# TYPE vllm:time_to_first_token_seconds histogram"]
+    for e, buckets in per_engine.items():
+        lines += [
+            f'vllm:time_to_first_token_seconds_bucket{{engine="{e}",le="{le}",{M}}} {c}'
+            for le, c in buckets.items()
+        ]
+        lines.append(
+            f'vllm:time_to_first_token_seconds_count{{engine="{e}",{M}}} {buckets["+Inf"]}'
+        )
+        lines.append(f'vllm:num_requests_running{{engine="{e}",{M}}} 1')
+    m = parse_engine_metrics("\n".join(lines) + "\n")
+    assert m.ttft_p90_s == pytest.approx(1.75)
+    assert m.num_engines == 2
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def test_only_unrelated_families_is_a_clear_error() -> None:
+    text = render(process_families())
+    with pytest.raises(NoKnownMetricsError) as ei:
+        parse_engine_metrics(text)
+    assert str(ei.value) == NO_KNOWN_METRICS
+    assert isinstance(ei.value, MetricsParseError)
+
+
+@pytest.mark.parametrize("text", ["", "\n", "   \n\n", "# just a comment\n"])
+def test_empty_page(text: str) -> None:
+    with pytest.raises(NoKnownMetricsError, match="no known engine metrics"):
+        parse_engine_metrics(text)
+
+
+def test_garbage_line_names_line_number_and_text() -> None:
+    text = read_sample("vllm_v1.txt")
+    lines = text.split("\n")
+    i = next(
+        k for k, ln in enumerate(lines) if ln.startswith('vllm:num_requests_waiting{engine="1"')
+    )
+    lines[i] = 'vllm:num_requests_waiting{engine="1",model_name="m"} not-a-number'
+    with pytest.raises(MetricsParseError) as ei:
+        parse_engine_metrics("\n".join(lines))
+    assert not isinstance(ei.value, NoKnownMetricsError)
+    msg = str(ei.value)
+    assert f"line {i + 1}:" in msg
+    assert "not-a-number" in msg
+
+
+def test_broken_label_syntax_in_a_kept_family() -> None:
+    text = 'vllm:num_requests_running 1\nvllm:kv_cache_usage_perc{engine="0" 0.5\n'
+    with pytest.raises(MetricsParseError, match=r"line 2: .*kv_cache_usage_perc"):
+        parse_engine_metrics(text)
+
+
+def test_long_garbage_line_is_truncated_in_the_message() -> None:
+    junk = "x" * 500
+    text = f'vllm:num_requests_running{{model_name="{junk}" 1\n'
+    with pytest.raises(MetricsParseError) as ei:
+        parse_engine_metrics(text)
+    msg = str(ei.value)
+    assert "line 1:" in msg and "..." in msg
+    assert junk not in msg
+    assert len(msg) < 400
+
+
+def test_html_error_page_is_no_known_metrics() -> None:
+    text = "<html><body><h1>502 Bad Gateway</h1></body></html>\n"
+    with pytest.raises(NoKnownMetricsError):
+        parse_engine_metrics(text)
+
+
+def test_garbage_in_a_dropped_family_is_not_validated() -> None:
+    # Documented trade-off of the pre-filter: lines of families we never read are not parsed.
+    text = read_sample("vllm_v1.txt").replace(
+        'http_requests_total{handler="/metrics"', 'http_requests_total{handler=/metrics" ###', 1
+    )
+    assert parse_engine_metrics(text).running == 12
