@@ -120,6 +120,11 @@ class EnvoySection(_Strict):
     # Per-try timeout: 0 = none (a long generation must not be cut and retried).
     per_try_timeout_s: float = Field(default=0.0, ge=0)
     num_retries: int = Field(default=2, ge=0, le=10)
+    # Also retry when the pod resets the connection before any response byte (it died while
+    # generating). Completions have no side effects, so re-running costs GPU time but saves
+    # the client an error; Envoy never retries once the response has started, so a stream
+    # already sending tokens is never duplicated. Turn off for non-idempotent upstreams.
+    retry_on_reset: bool = True
     # Active HTTP health check on each pod.
     health_check_path: str = "/health"
     health_check_interval_ms: int = Field(default=1000, ge=50)

@@ -336,9 +336,11 @@ def _route_config(cfg: RouterConfig) -> dict[str, Any]:
     env = cfg.envoy
     retry: dict[str, Any] = {
         "retry_on": _why(
-            "connect-failure,refused-stream,reset-before-request,gateway-error",
-            "retry only when the engine never got the request (or a gateway said so); not "
-            "5xx/reset: a generation that reached the engine must not be re-run blindly",
+            "connect-failure,refused-stream,reset-before-request,gateway-error"
+            + (",reset" if env.retry_on_reset else ""),
+            "the engine never got the request, a gateway said so, or (reset, when "
+            "envoy.retry_on_reset) the pod died before answering; never plain 5xx, and never "
+            "once the response started",
         ),
         "num_retries": _why(
             env.num_retries, "walk the router's fallback entries in x-target-pod on failure"

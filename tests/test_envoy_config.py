@@ -172,7 +172,7 @@ KEY_SETTINGS: list[tuple[str, Callable[[dict[str, Any]], Any], Any]] = [
     (
         "retry_on",
         lambda b: _route(b)["route"]["retry_policy"]["retry_on"],
-        "connect-failure,refused-stream,reset-before-request,gateway-error",
+        "connect-failure,refused-stream,reset-before-request,gateway-error,reset",
     ),
     ("num_retries", lambda b: _route(b)["route"]["retry_policy"]["num_retries"], 2),
     (
