@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="simulator + router + real Envoy, with live traffic")
     add_demo_arguments(p)
     p.set_defaults(fn=_cmd_demo)
+    from router_ext.admin_cli import add_admin_commands
+
+    add_admin_commands(sub)
     return parser
 
 

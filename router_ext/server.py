@@ -169,6 +169,9 @@ class RouterApp:
 
     def _add_extra_services(self, server: grpc.aio.Server) -> None:
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.feedback, server)
+        from router_ext.admin import add_admin_service  # admin imports server: import late
+
+        add_admin_service(self, server)
 
     def _feedback_unreachable(self, address: str, why: str) -> bool:
         if self.lifecycle.mark_unreachable(address, why):
