@@ -106,6 +106,21 @@ class RoutingSection(_Strict):
         return v
 
 
+class WarmupSection(_Strict):
+    """One small request to a pod that just turned Ready, before it gets normal traffic.
+
+    Off by default: it costs GPU time on every scale-out. Turn it on when an engine's first
+    requests are much slower than the rest (CUDA graph capture, torch.compile, LoRA loading),
+    so that cost lands on a synthetic request instead of a user's.
+    """
+
+    enabled: bool = False
+    path: str = "/v1/completions"
+    # Sent as JSON; "model" is filled from discovery when absent.
+    body: dict[str, object] = Field(default_factory=lambda: {"prompt": "warm-up", "max_tokens": 1})
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+
+
 class EnvoySection(_Strict):
     """Values rendered into the Envoy bootstrap by `router-ext envoy-config`."""
 
@@ -141,6 +156,7 @@ class RouterConfig(_Strict):
     discovery: DiscoverySection = DiscoverySection()
     scrape: ScrapeSection = ScrapeSection()
     routing: RoutingSection = RoutingSection()
+    warmup: WarmupSection = WarmupSection()
     envoy: EnvoySection = EnvoySection()
     # Directory the config was loaded from; relative paths resolve against it.
     base_dir: Path = Path(".")

@@ -49,6 +49,7 @@ class _PodRecord:
     ramp_done: bool = False
     model_mismatch_logged: bool = False
     scraped_once: bool = False  # at least one scrape attempt finished (ok or not)
+    warming: bool = False  # warm-up request in flight: not routable yet
     state_changes: int = 0
     history: list[tuple[float, PodState, str]] = field(default_factory=list)
 
@@ -93,6 +94,7 @@ class PodLifecycle:
                 # throttle the whole fleet. Pods that appear later are.
                 rec.ready_since = None if first else (now if pod.ready else None)
                 rec.ramp_done = first
+                rec.warming = pod.ready and not first and self.cfg.warmup.enabled
                 rec.state, rec.reason = self.derive_state(rec, now)
                 self._log_change(rec, None, rec.reason)
             else:
@@ -102,6 +104,7 @@ class PodLifecycle:
                     rec.coldstart_observed = False
                     rec.metrics = None
                     rec.metrics_at = None
+                    rec.warming = self.cfg.warmup.enabled
                 rec.pod = pod
             new[pod.address] = rec
         for addr, rec in self._records.items():
@@ -151,6 +154,25 @@ class PodLifecycle:
             self.ready = all(r.scraped_once for r in self._records.values() if r.pod.ready)
         self._rederive(now)
 
+    def needs_warmup(self, address: str) -> bool:
+        rec = self._records.get(address)
+        return rec is not None and rec.warming
+
+    def warmup_done(self, address: str, ok: bool, detail: str) -> None:
+        """The warm-up request finished: the pod may now take traffic (slow start from now).
+
+        A failed warm-up admits the pod anyway: readiness comes from discovery, and a pod that
+        really cannot serve is caught by scrapes, Envoy's health checks and feedback.
+        """
+        rec = self._records.get(address)
+        if rec is None or not rec.warming:
+            return
+        rec.warming = False
+        rec.ready_since = self.clock()
+        lvl = logging.INFO if ok else logging.WARNING
+        log.log(lvl, "pod %s warm-up %s: %s", rec.pod.label, "done" if ok else "failed", detail)
+        self._rederive(self.clock())
+
     def mark_unreachable(self, address: str, why: str) -> bool:
         """Envoy saw a connect failure/reset to this pod: take it out now, not next scrape."""
         rec = self._records.get(address)
@@ -167,6 +189,8 @@ class PodLifecycle:
         pod = rec.pod
         if not pod.ready:
             return PodState.NOT_READY, "discovery: not ready"
+        if rec.warming:
+            return PodState.NOT_READY, "warm-up request in flight"
         if pod.draining:
             return PodState.DRAINING, "discovery: draining"
         if rec.unreachable:
@@ -236,12 +260,16 @@ class PodLifecycle:
         if frac >= 1.0:
             rec.ramp_done = True
             return 1.0
-        # "Until its metrics show it is keeping up": warm and no more queued than the pool.
+        # "Until its metrics show it is keeping up": warm, carrying at least half the pool's
+        # median load, and queueing no more than the pool. An idle-looking new pod does not
+        # qualify (that is exactly the pod a metric strategy would flood).
+        m = rec.metrics
         if (
             rec.state is PodState.WARM
-            and rec.metrics is not None
+            and m is not None
             and median is not None
-            and rec.metrics.waiting <= median.waiting
+            and m.running + m.waiting >= 0.5 * (median.running + median.waiting) > 0
+            and m.waiting <= median.waiting
             and frac >= 0.5
         ):
             rec.ramp_done = True

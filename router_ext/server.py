@@ -11,8 +11,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
+import aiohttp
 import grpc
 from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2_grpc
@@ -82,9 +85,38 @@ class RouterApp:
         # the router's first SERVING) should not wait up to a whole interval.
         new = [p for p in pods if p.ready and p.address not in known]
         if new and self._server is not None:
-            task = asyncio.get_running_loop().create_task(self._scrape_new(new))
-            self._side_tasks.add(task)
-            task.add_done_callback(self._side_tasks.discard)
+            self._spawn(self._scrape_new(new))
+            for p in new:
+                if self.lifecycle.needs_warmup(p.address):
+                    self._spawn(self._warm_up(p))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _warm_up(self, pod: Pod) -> None:
+        w = self.cfg.warmup
+        body = dict(w.body)
+        if pod.model:
+            body.setdefault("model", pod.model)
+        t0 = time.monotonic()
+        try:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(
+                    f"http://{pod.address}{w.path}",
+                    json=body,
+                    timeout=aiohttp.ClientTimeout(total=w.timeout_s),
+                ) as resp,
+            ):
+                await resp.read()
+                ok, detail = resp.status == 200, f"HTTP {resp.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            ok, detail = False, f"{type(e).__name__}: {e}"
+        detail += f" in {time.monotonic() - t0:.2f}s"
+        self.lifecycle.warmup_done(pod.address, ok, detail)
+        self.publish()
 
     async def _scrape_new(self, pods: Sequence[Pod]) -> None:
         self._on_round(await self.scraper.scrape_round(pods))

@@ -23,17 +23,24 @@ from router_ext.snapshot import EngineMetrics, PodStatus, Snapshot
 class PoolView:
     """A snapshot plus the mutable per-snapshot pick counters.
 
-    `picks[i]` counts primaries chosen for pod i since this snapshot was published: the load
-    this router added that the scraped metrics cannot show yet. A new snapshot (next scrape)
-    starts from zero, because the new metrics already include those requests.
+    `picks[i]` counts primaries chosen for pod i since this snapshot was published, minus the
+    ones Envoy's access log reported finished: the load this router added that the scraped
+    metrics cannot show yet. `started[i]` counts the same picks but is never decremented: the
+    slow-start cap limits a new pod's share of the *rate*, not of what is in flight. A new
+    snapshot (next scrape) starts both from zero; the new metrics include those requests.
     """
 
     snapshot: Snapshot
     picks: list[int] = field(default_factory=list)
+    started: list[int] = field(default_factory=list)
+    total: int = 0  # primaries chosen since this snapshot (all pods)
 
     def __post_init__(self) -> None:
+        n = len(self.snapshot.pods)
         if not self.picks:
-            self.picks = [0] * len(self.snapshot.pods)
+            self.picks = [0] * n
+        if not self.started:
+            self.started = [0] * n
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +79,14 @@ class Strategy:
         """Apply slow start to the primary, fill fallbacks, count the pick."""
         snap = view.snapshot
         want = 1 + self.cfg.fallbacks
+        started = view.started
+        # Slow start: a ramping pod may take at most `ramp` x its fair share of this scrape
+        # window's picks (+1, so it is never starved). A cap, not a probability: several idle
+        # new pods cannot jointly take most of the traffic however the strategy ranks them.
+        fair = (view.total + 1) / (len(snap.routable) or 1)
         primary_i = 0
         for i, p in enumerate(ordered):
-            # Slow start: a new pod takes a primary pick only with probability `ramp`.
-            if p.ramp >= 1.0 or rng.random() < p.ramp:
+            if p.ramp >= 1.0 or started[p.index] < p.ramp * fair + 1.0:
                 primary_i = i
                 break
         if primary_i:
@@ -86,7 +97,10 @@ class Strategy:
         if len(out) < want and snap.draining:
             # Draining pods: never a primary while others exist, but a last-resort fallback.
             out = _fill(out, snap.draining, want, rng)
-        view.picks[out[0].index] += 1
+        i = out[0].index
+        view.picks[i] += 1
+        started[i] += 1
+        view.total += 1
         return Decision(tuple(out), used, degraded)
 
 

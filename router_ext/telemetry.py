@@ -32,6 +32,10 @@ DECISION_BUCKETS = (
 
 OUTCOMES = ("picked", "degraded", "no_pod", "bad_request", "not_ready")
 
+#: Fallback-list length buckets (entries after the primary; config caps it at 16). A list
+#: shorter than `routing.fallbacks` means the pool is too small to fail over as configured.
+FALLBACK_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 16)
+
 
 class HotPathStats:
     """Lock-free counters for the ext_proc handler (single event loop, so plain ints are safe)."""
@@ -48,6 +52,8 @@ class HotPathStats:
         self.picks: dict[str, int] = {}
         self.cold_picks: dict[str, int] = {}
         self.fallback_len_sum = 0
+        self.fallback_len_buckets = [0] * (len(FALLBACK_BUCKETS) + 1)
+        self.fallback_len_count = 0
         self.client_target_header = 0
         self.streams_open = 0
         self.streams_total = 0
@@ -56,6 +62,12 @@ class HotPathStats:
         self.latency_buckets[bisect.bisect_left(DECISION_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
         self.latency_count += 1
+
+    def observe_fallbacks(self, n: int) -> None:
+        """One answer sent `n` fallbacks (replaces `fallback_len_sum += n` on the hot path)."""
+        self.fallback_len_buckets[bisect.bisect_left(FALLBACK_BUCKETS, n)] += 1
+        self.fallback_len_sum += n
+        self.fallback_len_count += 1
 
     def count(self, strategy: str, outcome: str) -> None:
         key = (strategy, outcome)
@@ -122,6 +134,18 @@ class _HotPathCollector(Collector):
             "Sum of fallback entries sent (divide by decisions for the mean list length).",
             value=s.fallback_len_sum,
         )
+        fh = HistogramMetricFamily(
+            f"{PREFIX}_fallback_list_length",
+            "Fallback entries per answer (after the primary); exported once the hot path calls "
+            "HotPathStats.observe_fallbacks.",
+        )
+        acc = 0
+        fb = []
+        for bound, n in zip((*FALLBACK_BUCKETS, float("inf")), s.fallback_len_buckets, strict=True):
+            acc += n
+            fb.append((_fmt(float(bound)), acc))
+        fh.add_metric([], fb, float(s.fallback_len_sum if s.fallback_len_count else 0))
+        yield fh
         yield GaugeMetricFamily(
             f"{PREFIX}_ext_proc_streams_open", "ext_proc streams open now.", value=s.streams_open
         )

@@ -116,15 +116,22 @@ def test_pods_known_at_start_are_not_slow_started() -> None:
     assert all(p.ramp == 1.0 for p in lc.build_snapshot().pods)
 
 
-def test_new_pod_ramp_ends_early_when_keeping_up() -> None:
+def test_new_pod_ramp_ends_early_only_when_keeping_up() -> None:
     cfg = RouterConfig(routing=RoutingSection(slow_start_s=10))
     lc, clk = lifecycle(cfg)
     ps = pods(3)
     lc.apply_discovery(ps[:2])
-    lc.apply_scrape([ok(p, clk.t, waiting=3) for p in ps[:2]])
+    lc.apply_scrape([ok(p, clk.t, running=4, waiting=3) for p in ps[:2]])
     lc.apply_discovery(ps)
     clk.advance(6)
-    lc.apply_scrape([ok(p, clk.t, waiting=3) for p in ps[:2]] + [ok(ps[2], clk.t, waiting=0)])
+    # Idle-looking new pod: the one a metric strategy would flood. The ramp goes on.
+    lc.apply_scrape([ok(p, clk.t, running=4, waiting=3) for p in ps[:2]] + [ok(ps[2], clk.t)])
+    assert lc.build_snapshot().pods[2].ramp == pytest.approx(0.6)
+    # Carrying a real share and not queueing more than the pool: keeping up, ramp ends.
+    lc.apply_scrape(
+        [ok(p, clk.t, running=4, waiting=3) for p in ps[:2]]
+        + [ok(ps[2], clk.t, running=4, waiting=1)]
+    )
     assert lc.build_snapshot().pods[2].ramp == 1.0
 
 

@@ -186,9 +186,31 @@ def test_slow_start_share_ramps() -> None:
         ds = pick_many("round-robin", snap, 400, cfg.routing)
         shares.append(sum(d.pods[0].pod.name == "pod-3" for d in ds) / 400)
         clk.advance(3)
-    assert 0 < shares[0] < 0.1
+    assert 0 < shares[0] < 0.05
     assert shares == sorted(shares)
     assert shares[-1] > 0.15
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_idle_new_pods_cannot_flood_during_slow_start(name: str) -> None:
+    # Four new pods that look idle join a loaded pool of four: a metric strategy ranks them
+    # first, but the cap keeps each at or under its ramped fair share (+1 per window).
+    cfg = RouterConfig(routing=RoutingSection(slow_start_s=10, seed=5))
+    lc, clk = lifecycle(cfg)
+    ps = pods(8)
+    lc.apply_discovery(ps[:4])
+    lc.apply_scrape([ok(p, clk.t, 8, 4, 0.8) for p in ps[:4]])
+    lc.apply_discovery(ps)
+    for step in range(1, 10):
+        clk.advance(1)
+        lc.apply_scrape([ok(p, clk.t, 8, 4, 0.8) for p in ps[:4]] + [ok(p, clk.t) for p in ps[4:]])
+        snap = lc.build_snapshot()
+        ramp = snap.pods[4].ramp
+        assert ramp == pytest.approx(step / 10)
+        ds = pick_many(name, snap, 200, cfg.routing)
+        for p in ps[4:]:
+            n = sum(d.pods[0].address == p.address for d in ds)
+            assert n < ramp * 200 / 8 + 2, (name, step, n)
 
 
 def test_sampling_keeps_large_pools_cheap_and_good() -> None:
@@ -240,3 +262,24 @@ def test_router_counts_degraded_and_cold_picks() -> None:
     assert r.stats.decisions == {("least-kv-cache>random", "degraded"): 10}
     assert r.stats.degraded == {("least-kv-cache", "no_fresh_metrics"): 10}
     assert sum(r.stats.cold_picks.values()) == 10
+
+
+def test_completions_from_envoy_do_not_loosen_slow_start() -> None:
+    # Access-log completions end the in-flight count (picks) but must not reopen the
+    # slow-start cap, which limits the rate of new requests to a ramping pod.
+    cfg = RouterConfig(routing=RoutingSection(slow_start_s=10, seed=2, default_strategy="random"))
+    lc, clk = lifecycle(cfg)
+    ps = pods(4)
+    lc.apply_discovery(ps[:3])
+    lc.apply_scrape([ok(p, clk.t, 2, 0, 0.2) for p in ps[:3]])
+    lc.apply_discovery(ps)
+    clk.advance(1)  # ramp 0.1
+    lc.apply_scrape([ok(p, clk.t, 2, 0, 0.2) for p in ps])
+    r = _router(lc.build_snapshot(), "random")
+    new = 0
+    for _ in range(400):
+        d = r.route(None)
+        assert isinstance(d, Decision)
+        new += d.pods[0].pod.name == "pod-3"
+        r.completed(d.pods[0].address)  # every request finishes at once
+    assert new < 0.1 * 400 / 4 + 2

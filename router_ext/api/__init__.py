@@ -1,0 +1,1 @@
+"""Generated gRPC APIs of router-ext (see proto/ and scripts/gen-proto.sh)."""
