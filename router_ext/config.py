@@ -53,49 +53,123 @@ class Listen(_Strict):
 
 
 class RouterSection(_Strict):
-    # ext_proc, grpc.health.v1, the access-log sink and the admin API share one gRPC port.
-    grpc: Listen = Listen(port=50051)
-    # Prometheus /metrics of the router itself. Loopback unless configured.
-    metrics: Listen = Listen(port=9464)
-    # On SIGTERM: health goes NOT_SERVING at once, streams keep being answered this long so
-    # Envoy's gRPC health check (interval ~250 ms, 2 failures) takes us out, then exit.
-    drain_seconds: float = Field(default=2.0, ge=0, le=300)
+    grpc: Listen = Field(
+        default=Listen(port=50051),
+        description=(
+            "ext_proc, grpc.health.v1, the access-log sink and the admin API share one gRPC port."
+        ),
+    )
+    metrics: Listen = Field(
+        default=Listen(port=9464),
+        description="Prometheus /metrics of the router itself. Loopback unless configured.",
+    )
+    drain_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        le=300,
+        description=(
+            "On SIGTERM: health goes NOT_SERVING at once, streams keep being answered this "
+            "long so Envoy's gRPC health check (interval ~250 ms, 2 failures) takes us out, "
+            "then exit."
+        ),
+    )
 
 
 class DiscoverySection(_Strict):
-    # YAML file listing the pods (see PodsFile). Relative paths resolve against the config file.
-    pods_file: Path = Path("pods.yaml")
-    # How often the file's mtime/size is checked. Cheap (one stat()).
-    poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+    pods_file: Path = Field(
+        default=Path("pods.yaml"),
+        description=(
+            "YAML file listing the pods (format in README). Relative paths resolve against the "
+            "config file."
+        ),
+    )
+    poll_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="How often the file's mtime/size is checked. Cheap (one stat()).",
+    )
 
 
 class ScrapeSection(_Strict):
-    # 500 ms: a dead pod is noticed within one interval, a new pod's first metrics arrive
-    # within ~0.5 s, and one Python core can still fetch+parse >1,000 pods per interval.
-    # (EPP scrapes every 50 ms in Go; production-stack every 30 s, far too slow for failover.)
-    interval_s: float = Field(default=0.5, gt=0, le=60)
-    # A healthy vLLM answers /metrics in a few ms even when loaded; 300 ms leaves margin and
-    # still finishes inside the interval, so a hung pod never delays the next round.
-    timeout_s: float = Field(default=0.3, gt=0, le=60)
-    # Metrics older than this are "stale": not trusted as live load (EPP uses 200 ms at 50 ms
-    # scraping = 4 intervals; we use 4 intervals of ours).
-    stale_after_s: float = Field(default=2.0, gt=0, le=600)
-    # Consecutive time-outs before a pod counts as unreachable (refused/reset count at once).
-    unreachable_after_timeouts: int = Field(default=2, ge=1, le=100)
-    # Fetch concurrency cap so a 10,000-pod fleet does not open 10,000 sockets at once.
-    max_concurrency: int = Field(default=256, ge=1, le=10000)
+    interval_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description=(
+            "500 ms: a dead pod is noticed within one interval, a new pod's first metrics "
+            "arrive within ~0.5 s, and one Python core can still fetch+parse >1,000 pods per "
+            "interval. (EPP scrapes every 50 ms in Go; production-stack every 30 s, far too "
+            "slow for failover.)"
+        ),
+    )
+    timeout_s: float = Field(
+        default=0.3,
+        gt=0,
+        le=60,
+        description=(
+            "A healthy vLLM answers /metrics in a few ms even when loaded; 300 ms leaves "
+            "margin and still finishes inside the interval, so a hung pod never delays the "
+            "next round."
+        ),
+    )
+    stale_after_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=600,
+        description=(
+            "Metrics older than this make a pod stale: not trusted as live load (EPP uses "
+            "200 ms at 50 ms scraping = 4 intervals; we use 4 intervals of ours)."
+        ),
+    )
+    unreachable_after_timeouts: int = Field(
+        default=2,
+        ge=1,
+        le=100,
+        description=(
+            "Consecutive time-outs before a pod counts as unreachable (refused/reset count at"
+            " once)."
+        ),
+    )
+    max_concurrency: int = Field(
+        default=256,
+        ge=1,
+        le=10000,
+        description=(
+            "Fetch concurrency cap so a 10,000-pod fleet does not open 10,000 sockets at once."
+        ),
+    )
     path: str = "/metrics"
 
 
 class RoutingSection(_Strict):
     default_strategy: str = "least-request"
-    # Distinct fallbacks after the primary in x-target-pod; Envoy walks them on retry.
-    fallbacks: int = Field(default=2, ge=0, le=16)
-    # Metric strategies compare at most this many candidates per pick (sampled uniformly when
-    # the pool is larger): the decision cost stays flat as the pool grows (power-of-d choices).
-    sample_size: int = Field(default=16, ge=2, le=1024)
-    # Slow start: a pod that turns Ready gets a share that ramps from ~0 to full over this.
-    slow_start_s: float = Field(default=10.0, ge=0, le=600)
+    fallbacks: int = Field(
+        default=2,
+        ge=0,
+        le=16,
+        description=(
+            "Distinct fallbacks after the primary in x-target-pod; Envoy walks them on retry."
+        ),
+    )
+    sample_size: int = Field(
+        default=16,
+        ge=2,
+        le=1024,
+        description=(
+            "Metric strategies compare at most this many candidates per pick (sampled "
+            "uniformly when the pool is larger): the decision cost stays flat as the pool "
+            "grows (power-of-d choices)."
+        ),
+    )
+    slow_start_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=600,
+        description=(
+            "Slow start: a pod that turns Ready gets a share that ramps from ~0 to full over this."
+        ),
+    )
     seed: int | None = None
 
     @field_validator("default_strategy")
@@ -116,8 +190,10 @@ class WarmupSection(_Strict):
 
     enabled: bool = False
     path: str = "/v1/completions"
-    # Sent as JSON; "model" is filled from discovery when absent.
-    body: dict[str, object] = Field(default_factory=lambda: {"prompt": "warm-up", "max_tokens": 1})
+    body: dict[str, object] = Field(
+        default_factory=lambda: {"prompt": "warm-up", "max_tokens": 1},
+        description='Sent as JSON; "model" is filled from discovery when absent.',
+    )
     timeout_s: float = Field(default=30.0, gt=0, le=600)
 
 
@@ -126,29 +202,61 @@ class EnvoySection(_Strict):
 
     listener: Listen = Listen(port=10000)
     admin: Listen = Listen(port=9901)
-    # How Envoy reaches router-ext (the ext_proc cluster). Defaults to router.grpc.
-    router_address: str | None = None
-    # Per ext_proc message; past it Envoy fails open. Our p99 decision is well under 5 ms.
-    message_timeout_ms: int = Field(default=200, ge=10, le=10000)
-    # Whole-request timeout for inference calls (streams can be long).
-    route_timeout_s: float = Field(default=300.0, gt=0)
-    # Per-try timeout: 0 = none (a long generation must not be cut and retried).
-    per_try_timeout_s: float = Field(default=0.0, ge=0)
+    router_address: str | None = Field(
+        default=None,
+        description="How Envoy reaches router-ext (the ext_proc cluster). Defaults to router.grpc.",
+    )
+    message_timeout_ms: int = Field(
+        default=200,
+        ge=10,
+        le=10000,
+        description=(
+            "Per ext_proc message; past it Envoy fails open. Our p99 decision is well under 5 ms."
+        ),
+    )
+    route_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Whole-request timeout for inference calls (streams can be long).",
+    )
+    per_try_timeout_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Per-try timeout: 0 = none (a long generation must not be cut and retried).",
+    )
     num_retries: int = Field(default=2, ge=0, le=10)
-    # Also retry when the pod resets the connection before any response byte (it died while
-    # generating). Completions have no side effects, so re-running costs GPU time but saves
-    # the client an error; Envoy never retries once the response has started, so a stream
-    # already sending tokens is never duplicated. Turn off for non-idempotent upstreams.
-    retry_on_reset: bool = True
-    # Active HTTP health check on each pod.
-    health_check_path: str = "/health"
+    retry_on_reset: bool = Field(
+        default=True,
+        description=(
+            "Also retry when the pod resets the connection before any response byte (it died "
+            "while generating). Completions have no side effects, so re-running costs GPU "
+            "time but saves the client an error; Envoy never retries once the response has "
+            "started, so a stream already sending tokens is never duplicated. Turn off for "
+            "non-idempotent upstreams."
+        ),
+    )
+    health_check_path: str = Field(
+        default="/health",
+        description="Active HTTP health check on each pod.",
+    )
     health_check_interval_ms: int = Field(default=1000, ge=50)
-    # gRPC health check on the router (ext_proc cluster): a hung router is out in ~2 intervals.
-    router_health_interval_ms: int = Field(default=250, ge=50)
+    router_health_interval_ms: int = Field(
+        default=250,
+        ge=50,
+        description=(
+            "gRPC health check on the router (ext_proc cluster): a hung router is out in ~2 "
+            "intervals."
+        ),
+    )
     access_log_path: str = "/dev/null"
-    # Echo the router's full answer (x-target-pod) to the client. Off by default: it exposes
-    # pod addresses. The demo and the end-to-end tests turn it on to check routing.
-    echo_target_pod: bool = False
+    echo_target_pod: bool = Field(
+        default=False,
+        description=(
+            "Echo the router's full answer (x-target-pod) to the client. Off by default: it "
+            "exposes pod addresses. The demo and the end-to-end tests turn it on to check "
+            "routing."
+        ),
+    )
 
 
 class RouterConfig(_Strict):
@@ -158,8 +266,10 @@ class RouterConfig(_Strict):
     routing: RoutingSection = RoutingSection()
     warmup: WarmupSection = WarmupSection()
     envoy: EnvoySection = EnvoySection()
-    # Directory the config was loaded from; relative paths resolve against it.
-    base_dir: Path = Path(".")
+    base_dir: Path = Field(
+        default=Path("."),
+        description="Directory the config was loaded from; relative paths resolve against it.",
+    )
 
     @property
     def pods_file(self) -> Path:
