@@ -158,7 +158,7 @@ def main() -> int:
     print("| library | µs per request (decode + build + encode), median of 5 | ratio |")
     print("|---|---|---|")
     print(f"| xds-protos (upb) | {u:.1f} | 1.0 |")
-    print(f"| envoy-data-plane 2.2.0 (betterproto2) | {e:.1f} | {e / u:.1f}× |")
+    print(f"| envoy-data-plane 2.2.0 (betterproto2) | {e:.1f} | {e / u:.1f}x |")
     return 0
 
 

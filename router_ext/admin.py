@@ -152,7 +152,7 @@ def explain(
                     name=p.pod.label,
                     address=p.address,
                     filter="slow_start",
-                    detail=f"ramp {p.ramp:.2f}: primary only with that probability",
+                    detail=f"ramp {p.ramp:.2f}: at most that share of a fair share of picks",
                 )
             )
     strategy = router.strategies.get(name)
@@ -166,7 +166,7 @@ def explain(
         return resp
     # A private copy: the round-robin cursor and the pick counters stay untouched.
     private = copy.copy(strategy)
-    trial = PoolView(snap, picks=list(view.picks))
+    trial = PoolView(snap, picks=list(view.picks), started=list(view.started), total=view.total)
     try:
         d = private.pick(trial, rng or random.Random())
     except NoPodError:

@@ -43,7 +43,7 @@ def _default(v: Any) -> str:
 def config_reference_markdown() -> str:
     rows = ["| key | default | what and why |", "|---|---|---|"]
     cfg = RouterConfig()
-    for section, finfo in RouterConfig.model_fields.items():
+    for section in RouterConfig.model_fields:
         value = getattr(cfg, section)
         if not isinstance(value, BaseModel):
             continue
@@ -88,7 +88,11 @@ def render_readme(text: str) -> str:
         if not pattern.search(text):
             raise ValueError(f"README has no generated section {name!r}")
         body = fn().rstrip("\n")
-        text = pattern.sub(lambda m, b=body: m.group(1) + b + "\n" + m.group(2), text)
+
+        def _fill(m: re.Match[str], body: str = body) -> str:
+            return m.group(1) + body + "\n" + m.group(2)
+
+        text = pattern.sub(_fill, text)
     return text
 
 

@@ -136,8 +136,7 @@ class _HotPathCollector(Collector):
         )
         fh = HistogramMetricFamily(
             f"{PREFIX}_fallback_list_length",
-            "Fallback entries per answer (after the primary); exported once the hot path calls "
-            "HotPathStats.observe_fallbacks.",
+            "Fallback entries per routed answer (after the primary).",
         )
         acc = 0
         fb = []
@@ -248,6 +247,9 @@ class Telemetry:
             if p.metrics_at is not None:
                 self.metrics_age.labels(label).set(max(0.0, now - p.metrics_at))
             self.pod_state.labels(label, p.state.value).set(1)
+            # Create the per-pod counter at 0 before its first mark: Prometheus cannot see
+            # the increase of a series whose first sample is already 1.
+            self.als_unreachable.labels(label)
 
     def on_scrape_round(self, results: Sequence[ScrapeResult], wall_s: float) -> None:
         self.scrape_round_duration.observe(wall_s)
