@@ -294,7 +294,7 @@ async def test_killed_pod_returns_and_gets_traffic(make_stack) -> None:  # type:
 
 
 def test_demo_with_pod_kill_json(tmp_path: Path) -> None:
-    cmd = "demo --pods 4 --duration 20 --kill-pod-after 5 --json".split()
+    cmd = ["demo", "--pods", "4", "--duration", "20", "--kill-pod-after", "5", "--json"]
     proc = subprocess.run(
         [sys.executable, "-m", "router_ext.cli", *cmd],
         capture_output=True,
