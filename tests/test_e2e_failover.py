@@ -313,3 +313,69 @@ def test_demo_with_pod_kill_json(tmp_path: Path) -> None:
         failed=summary["requests_failed"],
         envoy_retries=summary["envoy_retries"],
     )
+
+
+async def test_pod_process_sigkill_under_load(make_stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A literal kill -9: the favoured pod runs in its own simulator process.
+
+    Three slow pods share the stack's simulator; one fast pod runs alone in a second simulator
+    process, so least-request favours it. SIGKILL of that process mid-load must cost nothing.
+    """
+    import os
+
+    import yaml
+
+    from router_ext.stack import _Proc
+
+    st = make_stack(
+        pods=3,
+        strategy="least-request",
+        sim_args=["--speeds", "0.4,0.4,0.4"],
+        # The fast pod joins after start; no slow start here, this test is about the kill.
+        router_overrides={"routing": {"slow_start_s": 0}},
+    )
+    solo_cmd = ["sim", "--pods", "1", "--names-prefix", "fast-", "--base-port", "0"]
+    solo = _Proc(
+        "solo",
+        [sys.executable, "-m", "router_ext.cli", *solo_cmd, "--control-port", "0"],
+        tmp_path / "solo.log",
+        stdout_pipe=True,
+    )
+    try:
+        ready = json.loads(Stack._read_line(solo, time.monotonic() + 15))
+        fast_addr = ready["pods"]["fast-0"]
+        host, port = fast_addr.rsplit(":", 1)
+        doc = yaml.safe_load(st.pods_file.read_text())
+        doc["pods"].append({"name": "fast-0", "address": host, "port": int(port)})
+        tmp = st.pods_file.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(doc))
+        os.replace(tmp, st.pods_file)
+        st.pods["fast-0"] = fast_addr
+        await asyncio.to_thread(st.wait_envoy_membership, 4, 10)
+        await asyncio.sleep(2 * st.config.scrape.interval_s)
+        served: Counter[str] = Counter()
+        t0 = time.monotonic()
+
+        async def kill() -> None:
+            await at(t0, 1.5)
+            solo.signal(signal.SIGKILL)
+
+        task = asyncio.create_task(kill())
+        results = await closed_loop(
+            spec(st), 32, total=1200, on_result=lambda r: served.update([r.served_by])
+        )
+        await task
+    finally:
+        solo.stop()
+    assert failures(results) == []
+    before = Counter(r.served_by for r in results if r.started < t0 + 1.4)
+    assert before.most_common(1)[0][0] == "fast-0", before  # it was the favoured pod
+    after = [r for r in results if r.started > t0 + 2.5]
+    assert after and all(r.served_by != "fast-0" for r in after)
+    report(
+        "pod process SIGKILL",
+        requests=len(results),
+        failed=0,
+        favoured_share_before=round(before["fast-0"] / sum(before.values()), 2),
+        envoy_retries=st.envoy_stat("cluster.pods.upstream_rq_retry"),
+    )
