@@ -219,7 +219,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     finally:
         ch.close()
     if args.json:
-        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        doc = MessageToDict(
+            resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        print(json.dumps(doc, indent=2))
     else:
         print(render_explain(resp))
     return 0
