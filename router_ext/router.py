@@ -81,7 +81,7 @@ class Router:
         stats.picks[addr] = stats.picks.get(addr, 0) + 1
         if primary.state is PodState.COLD:
             stats.cold_picks[addr] = stats.cold_picks.get(addr, 0) + 1
-        stats.fallback_len_sum += len(d.pods) - 1
+        stats.observe_fallbacks(len(d.pods) - 1)
         if d.degraded:
             stats.count(d.used, "degraded")
             key = (name, d.degraded)
