@@ -254,7 +254,7 @@ class RouterApp:
                 await t
         self._tasks.clear()
         if self._server is not None:
-            await self._server.stop(grace=0.5)
+            await self._server.stop(grace=0.25)
             self._server = None
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
