@@ -113,7 +113,15 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if isinstance(result, NotReady):
             # No snapshot yet: send no x-target-pod, Envoy's fallback policy balances.
             return _CONTINUE_HEADERS_REQ
-        log.info("request %s answered %d: %s", request_id or "-", result.status, result.code)
+        # Debug only: a client repeating a bad request must not flood the log; the decision
+        # counters (outcome="bad_request" / "no_pod") carry the rate at default level.
+        log.debug(
+            "request %s answered %d: %s",
+            request_id or "-",
+            result.status,
+            result.code,
+            extra={"request_id": request_id} if request_id else None,
+        )
         return error_response(result)
 
     def _client_target_header(self) -> None:

@@ -237,6 +237,12 @@ class PodLifecycle:
             old.value,
             rec.state.value,
             why,
+            extra={
+                "pod": rec.pod.label,
+                "old_state": old.value,
+                "new_state": rec.state.value,
+                "reason": why,
+            },
         )
         for fn in self._listeners:
             fn(rec.pod, old, rec.state, why)
