@@ -170,7 +170,16 @@ class RoutingSection(_Strict):
             "Slow start: a pod that turns Ready gets a share that ramps from ~0 to full over this."
         ),
     )
-    seed: int | None = None
+    saturation_queue: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Shed load with HTTP 429 when every routable pod is warm and has at least this many "
+            "requests waiting (0 = never shed). Cold or stale pods never count as saturated: "
+            "their load is unknown, so the router degrades instead of refusing."
+        ),
+    )
+    seed: int | None = Field(default=None, description="Random seed (tests, benchmarks).")
 
     @field_validator("default_strategy")
     @classmethod

@@ -15,6 +15,7 @@ class ClientError:
     type: str
     code: str
     details: str  # Envoy's response-code details (shows in access logs as %RESPONSE_CODE_DETAILS%)
+    retry_after_s: int = 0  # sent as retry-after when > 0
 
     def body(self) -> bytes:
         return json.dumps(
@@ -35,6 +36,15 @@ def unknown_strategy(name: str) -> ClientError:
         details="router_ext_unknown_strategy",
     )
 
+
+SATURATED = ClientError(
+    status=429,
+    message="every inference pod is saturated (request queues full); retry shortly",
+    type="server_overloaded",
+    code="all_pods_saturated",
+    details="router_ext_saturated",
+    retry_after_s=1,
+)
 
 NO_POD = ClientError(
     status=503,

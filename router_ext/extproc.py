@@ -45,24 +45,20 @@ _CONTINUE = {
 }
 
 
+def _header(key: str, value: bytes) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value), append_action=_OVERWRITE
+    )
+
+
 def decision_response(d: Decision) -> ep.ProcessingResponse:
     return ep.ProcessingResponse(
         request_headers=ep.HeadersResponse(
             response=ep.CommonResponse(
                 header_mutation=ep.HeaderMutation(
                     set_headers=[
-                        base_pb2.HeaderValueOption(
-                            header=base_pb2.HeaderValue(
-                                key=_TARGET, raw_value=d.header_value.encode()
-                            ),
-                            append_action=_OVERWRITE,
-                        ),
-                        base_pb2.HeaderValueOption(
-                            header=base_pb2.HeaderValue(
-                                key=STRATEGY_USED_HEADER, raw_value=d.used.encode()
-                            ),
-                            append_action=_OVERWRITE,
-                        ),
+                        _header(_TARGET, d.header_value.encode()),
+                        _header(STRATEGY_USED_HEADER, d.used.encode()),
                     ]
                 )
             )
@@ -71,19 +67,13 @@ def decision_response(d: Decision) -> ep.ProcessingResponse:
 
 
 def error_response(err: ClientError) -> ep.ProcessingResponse:
+    headers = [_header("content-type", b"application/json")]
+    if err.retry_after_s:
+        headers.append(_header("retry-after", str(err.retry_after_s).encode()))
     return ep.ProcessingResponse(
         immediate_response=ep.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=err.status),  # type: ignore[arg-type]
-            headers=ep.HeaderMutation(
-                set_headers=[
-                    base_pb2.HeaderValueOption(
-                        header=base_pb2.HeaderValue(
-                            key="content-type", raw_value=b"application/json"
-                        ),
-                        append_action=_OVERWRITE,
-                    )
-                ]
-            ),
+            headers=ep.HeaderMutation(set_headers=headers),
             body=err.body(),
             details=err.details,
         )

@@ -315,7 +315,9 @@ class PodLifecycle:
                     score_metrics=conservative_estimate(rec.state, rec.metrics, median),
                 )
             )
-        return Snapshot.build(self._version, now, tuple(statuses), ready)
+        return Snapshot.build(
+            self._version, now, tuple(statuses), ready, self.cfg.routing.saturation_queue
+        )
 
     def state_counts(self) -> dict[PodState, int]:
         out = dict.fromkeys(PodState, 0)

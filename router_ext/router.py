@@ -12,7 +12,7 @@ import random
 import time
 
 from router_ext.config import RouterConfig
-from router_ext.errors import NO_POD, ClientError, unknown_strategy
+from router_ext.errors import NO_POD, SATURATED, ClientError, unknown_strategy
 from router_ext.snapshot import EMPTY_SNAPSHOT, PodState, Snapshot
 from router_ext.strategies import Decision, NoPodError, PoolView, build_strategies
 from router_ext.telemetry import HotPathStats
@@ -62,9 +62,13 @@ class Router:
             stats.count("invalid", "bad_request")
             return unknown_strategy(name)
         view = self.view
-        if not view.snapshot.ready:
+        snap = view.snapshot
+        if not snap.ready:
             stats.count(name, "not_ready")
             return NOT_READY
+        if snap.saturated:
+            stats.count(name, "saturated")
+            return SATURATED
         try:
             d = strategy.pick(view, self.rng)
         except NoPodError:

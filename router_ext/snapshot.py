@@ -128,6 +128,8 @@ class Snapshot:
     kv_per_request: float = 0.02
     # address -> index into `pods` (for feedback that names a pod by address).
     index_of: dict[str, int] = field(default_factory=dict)
+    # Every routable pod is warm and queues at least routing.saturation_queue requests.
+    saturated: bool = False
 
     @staticmethod
     def build(
@@ -135,6 +137,7 @@ class Snapshot:
         created_at: float,
         pods: tuple[PodStatus, ...],
         ready: bool,
+        saturation_queue: int = 0,
     ) -> Snapshot:
         routable = tuple(p for p in pods if p.state in ROUTABLE_STATES)
         warm = tuple(p for p in pods if p.state is PodState.WARM and p.metrics is not None)
@@ -155,6 +158,14 @@ class Snapshot:
             warm_median=_median_metrics([p.metrics for p in warm if p.metrics is not None]),
             kv_per_request=max(0.001, _median(per_req)) if per_req else 0.02,
             index_of={p.address: p.index for p in pods},
+            saturated=saturation_queue > 0
+            and bool(routable)
+            and all(
+                p.state is PodState.WARM
+                and p.metrics is not None
+                and p.metrics.waiting >= saturation_queue
+                for p in routable
+            ),
         )
 
     def get(self, address: str) -> PodStatus | None:

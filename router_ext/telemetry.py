@@ -30,7 +30,7 @@ DECISION_BUCKETS = (
     10e-6, 25e-6, 50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1.6e-3, 3.2e-3, 6.4e-3, 12.8e-3, 50e-3
 )  # fmt: skip
 
-OUTCOMES = ("picked", "degraded", "no_pod", "bad_request", "not_ready")
+OUTCOMES = ("picked", "degraded", "no_pod", "bad_request", "not_ready", "saturated")
 
 #: Fallback-list length buckets (entries after the primary; config caps it at 16). A list
 #: shorter than `routing.fallbacks` means the pool is too small to fail over as configured.

@@ -203,3 +203,23 @@ def test_demo_json_acceptance(tmp_path: Path) -> None:
     assert sorted(summary["per_pod"]) == ["pod-0", "pod-1", "pod-2", "pod-3"]
     assert all(n > 0 for n in summary["per_pod"].values())
     assert summary["strategy"] == "least-request"
+
+
+async def test_saturated_fleet_gets_429_with_retry_after(make_stack) -> None:  # type: ignore[no-untyped-def]
+    st = make_stack(
+        pods=2,
+        sim_args=["--max-running", "1"],
+        router_overrides={"routing": {"saturation_queue": 3}},
+    )
+    busy = [*(await load_pod(st, "pod-0", n=6)), *(await load_pod(st, "pod-1", n=6))]
+    try:
+        await wait_scrapes(st)
+        async with aiohttp.ClientSession() as s:
+            status, h, text = await post(s, st.url)
+    finally:
+        for t in busy:
+            t.cancel()
+    assert status == 429
+    assert h["retry-after"] == "1"
+    assert json.loads(text)["error"]["code"] == "all_pods_saturated"
+    assert 'outcome="saturated"' in st.router_metrics()

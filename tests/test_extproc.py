@@ -190,3 +190,19 @@ def test_hot_path_does_no_io_and_takes_no_lock() -> None:
         sys.setprofile(None)
     assert audit == []
     assert not [c for c in seen if "acquire" in c or "lock" in c.lower()], sorted(seen)
+
+
+async def test_saturated_is_an_immediate_429_with_retry_after(stub_for: Any) -> None:
+    lc, clk = lifecycle(RouterConfig(routing=RoutingSection(saturation_queue=2)))
+    ps = pods(2)
+    lc.apply_discovery(ps)
+    lc.apply_scrape([ok(p, clk.t, 8, 5, 0.9) for p in ps])
+    router = Router(RouterConfig(routing=RoutingSection(saturation_queue=2)), HotPathStats())
+    router.publish(lc.build_snapshot())
+    stub = await stub_for(router)
+    (resp,) = await exchange(stub, [headers()])
+    imm = resp.immediate_response
+    assert imm.status.code == 429
+    hs = {h.header.key: h.header.raw_value for h in imm.headers.set_headers}
+    assert hs == {"content-type": b"application/json", "retry-after": b"1"}
+    assert json.loads(imm.body)["error"]["type"] == "server_overloaded"

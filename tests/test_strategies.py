@@ -283,3 +283,29 @@ def test_completions_from_envoy_do_not_loosen_slow_start() -> None:
         new += d.pods[0].pod.name == "pod-3"
         r.completed(d.pods[0].address)  # every request finishes at once
     assert new < 0.1 * 400 / 4 + 2
+
+
+def _saturation_router(waiting: list[float], cold: bool = False, threshold: int = 4) -> Router:
+    cfg = RouterConfig(routing=RoutingSection(saturation_queue=threshold))
+    lc, clk = lifecycle(cfg)
+    ps = pods(len(waiting) + int(cold))
+    lc.apply_discovery(ps)
+    results = [ok(p, clk.t, 8, w, 0.9) for p, w in zip(ps, waiting, strict=False)]
+    if cold:
+        results.append(fail(ps[-1], clk.t, "http_503"))
+    lc.apply_scrape(results)
+    r = Router(cfg, HotPathStats(), seed=1)
+    r.publish(lc.build_snapshot())
+    return r
+
+
+def test_saturated_fleet_sheds_with_429() -> None:
+    res = _saturation_router([5, 9, 4]).route(None)
+    assert isinstance(res, ClientError) and res.status == 429 and res.retry_after_s == 1
+    assert '"code": "all_pods_saturated"' in res.body().decode()
+
+
+def test_one_pod_with_room_or_a_cold_pod_means_not_saturated() -> None:
+    assert isinstance(_saturation_router([5, 3, 9]).route(None), Decision)
+    assert isinstance(_saturation_router([5, 9], cold=True).route(None), Decision)
+    assert isinstance(_saturation_router([50, 50], threshold=0).route(None), Decision)
