@@ -26,7 +26,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_envoy_config(args: argparse.Namespace) -> int:
     from router_ext.discovery import DiscoveryError, parse_pods
-    from router_ext.envoy_config import render_bootstrap_yaml, write_envoy_files
+    from router_ext.envoy_config import envoy_dir, render_bootstrap_yaml, write_envoy_files
 
     cfg = load_config(args.config)
     if args.stdout:
@@ -40,7 +40,8 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
     except DiscoveryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else cfg.base_dir
+    # Default: next to the EDS file router-ext rewrites (<base_dir>/run/envoy/).
+    out = Path(args.out) if args.out else envoy_dir(cfg)
     for kind, path in write_envoy_files(cfg, pods, out).items():
         print(f"{kind}: {path}")
     return 0
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("envoy-config", help="render the Envoy bootstrap from the router config")
     p.add_argument("--config", "-c", help="router config YAML")
-    p.add_argument("--out", help="directory to write envoy.yaml and the EDS file into")
+    p.add_argument("--out", help="directory for envoy.yaml (default <config dir>/run/envoy)")
     p.add_argument("--stdout", action="store_true", help="print the bootstrap YAML only")
     p.set_defaults(fn=_cmd_envoy_config)
 
