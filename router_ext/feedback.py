@@ -54,6 +54,10 @@ def _seconds(d: object) -> float | None:
     return secs if secs > 0 else None
 
 
+def _ewma(old: float | None, x: float) -> float:
+    return x if old is None else old + EWMA_ALPHA * (x - old)
+
+
 def _conn_failure(f: al.ResponseFlags) -> str:
     if f.upstream_connection_failure:
         return "connect failure"
@@ -120,22 +124,14 @@ class FeedbackSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
         code = e.response.response_code.value
         err = failed or code >= 500
         fb.errors += int(err)
-        fb.error_rate_ewma += EWMA_ALPHA * ((1.0 if err else 0.0) - fb.error_rate_ewma)
+        fb.error_rate_ewma = _ewma(fb.error_rate_ewma, 1.0 if err else 0.0)
         c = e.common_properties
         dur = _seconds(c.time_to_last_downstream_tx_byte)
         if dur is not None:
-            fb.latency_ewma_s = (
-                dur
-                if fb.latency_ewma_s is None
-                else fb.latency_ewma_s + EWMA_ALPHA * (dur - fb.latency_ewma_s)
-            )
+            fb.latency_ewma_s = _ewma(fb.latency_ewma_s, dur)
         ttfb = _seconds(c.time_to_first_upstream_rx_byte)
         if ttfb is not None:
-            fb.ttfb_ewma_s = (
-                ttfb
-                if fb.ttfb_ewma_s is None
-                else fb.ttfb_ewma_s + EWMA_ALPHA * (ttfb - fb.ttfb_ewma_s)
-            )
+            fb.ttfb_ewma_s = _ewma(fb.ttfb_ewma_s, ttfb)
 
     async def StreamAccessLogs(
         self,
