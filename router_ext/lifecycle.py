@@ -20,6 +20,7 @@ from router_ext.snapshot import (
     PodStatus,
     ScrapeResult,
     Snapshot,
+    median_metrics,
 )
 
 log = logging.getLogger("router_ext.lifecycle")
@@ -290,17 +291,10 @@ class PodLifecycle:
         ready = self.ready
         statuses: list[PodStatus] = []
         recs = list(self._records.values())
-        # Median first (ramp needs it); Snapshot.build recomputes the same from warm pods.
-        pre = Snapshot.build(
-            0,
-            now,
-            tuple(
-                PodStatus(pod=r.pod, state=r.state, index=i, metrics=r.metrics)
-                for i, r in enumerate(recs)
-            ),
-            ready,
+        # The warm median feeds the cold/stale estimates and the slow-start check.
+        median = median_metrics(
+            [r.metrics for r in recs if r.state is PodState.WARM and r.metrics is not None]
         )
-        median = pre.warm_median
         for i, rec in enumerate(recs):
             statuses.append(
                 PodStatus(

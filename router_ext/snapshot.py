@@ -155,7 +155,7 @@ class Snapshot:
             routable=routable,
             warm=warm,
             draining=draining,
-            warm_median=_median_metrics([p.metrics for p in warm if p.metrics is not None]),
+            warm_median=median_metrics([p.metrics for p in warm if p.metrics is not None]),
             kv_per_request=max(0.001, _median(per_req)) if per_req else 0.02,
             index_of={p.address: p.index for p in pods},
             saturated=saturation_queue > 0
@@ -183,7 +183,7 @@ def _median(xs: list[float]) -> float:
     return s[mid] if n % 2 else (s[mid - 1] + s[mid]) / 2
 
 
-def _median_metrics(ms: list[EngineMetrics]) -> EngineMetrics | None:
+def median_metrics(ms: list[EngineMetrics]) -> EngineMetrics | None:
     if not ms:
         return None
     kv = [m.kv_cache_usage for m in ms if m.kv_cache_usage is not None]
