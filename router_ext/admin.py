@@ -20,7 +20,7 @@ import grpc
 from router_ext.api.v1 import admin_pb2 as pb
 from router_ext.api.v1 import admin_pb2_grpc as pb_grpc
 from router_ext.config import STRATEGY_REQUEST_HEADER
-from router_ext.errors import NO_POD, unknown_strategy
+from router_ext.errors import NO_POD, SATURATED, unknown_strategy
 from router_ext.router import Router
 from router_ext.snapshot import ROUTABLE_STATES, EngineMetrics, PodState, PodStatus, Snapshot
 from router_ext.strategies import MetricStrategy, NoPodError, PoolView
@@ -163,6 +163,10 @@ def explain(
     if not snap.ready:
         resp.outcome = pb.EXPLAIN_OUTCOME_NOT_READY
         resp.error = "router has no ready snapshot yet: Envoy's fallback policy balances"
+        return resp
+    if snap.saturated:
+        resp.outcome = pb.EXPLAIN_OUTCOME_SATURATED
+        resp.error = SATURATED.message
         return resp
     # A private copy: the round-robin cursor and the pick counters stay untouched.
     private = copy.copy(strategy)

@@ -309,3 +309,14 @@ def test_one_pod_with_room_or_a_cold_pod_means_not_saturated() -> None:
     assert isinstance(_saturation_router([5, 3, 9]).route(None), Decision)
     assert isinstance(_saturation_router([5, 9], cold=True).route(None), Decision)
     assert isinstance(_saturation_router([50, 50], threshold=0).route(None), Decision)
+
+
+def test_explain_reports_saturation_without_routing() -> None:
+    from router_ext.admin import explain
+    from router_ext.api.v1 import admin_pb2 as pb
+
+    r = _saturation_router([5, 9, 4])
+    resp = explain(r, [])
+    assert resp.outcome == pb.EXPLAIN_OUTCOME_SATURATED
+    assert "saturated" in resp.error
+    assert r.stats.decisions == {}  # explaining routed nothing
