@@ -10,6 +10,7 @@ go?" never moves a counter, a round-robin cursor or the routing RNG.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import time
 from collections.abc import Iterable, Mapping
@@ -23,7 +24,7 @@ from router_ext.config import STRATEGY_REQUEST_HEADER
 from router_ext.errors import NO_POD, SATURATED, unknown_strategy
 from router_ext.router import Router
 from router_ext.snapshot import ROUTABLE_STATES, EngineMetrics, PodState, PodStatus, Snapshot
-from router_ext.strategies import MetricStrategy, NoPodError, PoolView
+from router_ext.strategies import MetricStrategy, NoPodError
 
 if TYPE_CHECKING:
     from router_ext.server import RouterApp
@@ -170,7 +171,7 @@ def explain(
         return resp
     # A private copy: the round-robin cursor and the pick counters stay untouched.
     private = copy.copy(strategy)
-    trial = PoolView(snap, picks=list(view.picks), started=list(view.started), total=view.total)
+    trial = dataclasses.replace(view, picks=list(view.picks), started=list(view.started))
     try:
         d = private.pick(trial, rng or random.Random())
     except NoPodError:

@@ -14,7 +14,7 @@ import time
 from router_ext.config import RouterConfig
 from router_ext.errors import NO_POD, SATURATED, ClientError, unknown_strategy
 from router_ext.snapshot import EMPTY_SNAPSHOT, PodState, Snapshot
-from router_ext.strategies import Decision, NoPodError, PoolView, build_strategies
+from router_ext.strategies import Decision, NoPodError, PoolView, build_strategies, make_view
 from router_ext.telemetry import HotPathStats
 
 log = logging.getLogger("router_ext.router")
@@ -43,7 +43,8 @@ class Router:
         return self.view.snapshot
 
     def publish(self, snap: Snapshot) -> None:
-        self.view = PoolView(snap)
+        # Built completely before the swap: the hot path sees the old view or the new one.
+        self.view = make_view(snap, self.strategies, self.rng)
 
     def completed(self, address: str) -> None:
         """Envoy reported a request to `address` finished: it no longer adds load."""

@@ -34,6 +34,13 @@ class PoolView:
     picks: list[int] = field(default_factory=list)
     started: list[int] = field(default_factory=list)
     total: int = 0  # primaries chosen since this snapshot (all pods)
+    # Per metric strategy: each pod's score before this router's own picks, by pod index
+    # (inf for pods that cannot be scored). Filled at publish time (Router.publish), so a
+    # pick only adds `picks[i] * weight` to a number it looks up.
+    base: dict[str, list[float]] = field(default_factory=dict)
+    # Routable pods in an order shuffled once per snapshot: metric strategies compare a
+    # window of it starting at a random offset, a cheap uniform sample.
+    order: tuple[PodStatus, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.snapshot.pods)
@@ -170,31 +177,76 @@ class MetricStrategy(Strategy):
             return "no_fresh_metrics"
         return ""
 
-    def score(self, m: EngineMetrics, picks: int, snap: Snapshot) -> float:
+    def base_score(self, m: EngineMetrics, snap: Snapshot) -> float:
+        """Score from metrics alone (lower is better)."""
         raise NotImplementedError
+
+    def pick_weight(self, snap: Snapshot) -> float:
+        """What one more pick since the scrape adds to a pod's score."""
+        return 1.0
+
+    def score(self, m: EngineMetrics, picks: int, snap: Snapshot) -> float:
+        return self.base_score(m, snap) + picks * self.pick_weight(snap)
+
+    def prepare(self, view: PoolView) -> list[float]:
+        """Base scores for every pod of the snapshot: O(pool), done once per snapshot."""
+        snap = view.snapshot
+        median = snap.warm_median
+        base = [INF] * len(snap.pods)
+        for p in snap.routable:
+            m = p.score_metrics or median
+            if m is not None:
+                base[p.index] = self.base_score(m, snap)
+        view.base[self.name] = base
+        return base
 
     def pick(self, view: PoolView, rng: random.Random) -> Decision:
         snap = view.snapshot
-        why = self.unusable(snap) if snap.routable else ""
+        if not snap.routable:
+            return self.fallback.pick(view, rng)  # draining pods only: nothing to score
+        why = self.unusable(snap)
         if why:
             return self.fallback.pick(view, rng, used=f"{self.name}>random", why=why)
-        pool = _candidates(view)
+        base = view.base.get(self.name)
+        if base is None:  # Router.publish prepares eagerly; direct callers get it here
+            base = self.prepare(view)
+        pool = view.order
+        if not pool:  # as above: Router.publish shuffles once per snapshot
+            pool = view.order = _shuffled(snap.routable, rng)
+        n = len(pool)
         k = self.cfg.sample_size
-        # rng.sample also shuffles, so equal scores are broken at random, not by pool order.
-        cands = rng.sample(pool, k if len(pool) > k else len(pool))
+        # A window of k from a random offset in a per-snapshot shuffled order: uniform
+        # enough, O(k), and the random start also breaks ties between equal scores.
+        start = rng.randrange(n)
+        if n <= k:
+            cands = pool[start:] + pool[:start]
+        elif start + k <= n:
+            cands = pool[start : start + k]
+        else:
+            cands = pool[start:] + pool[: start + k - n]
         picks = view.picks
-        median = snap.warm_median
-        scored: list[tuple[float, PodStatus]] = []
-        for p in cands:
-            m = p.score_metrics or median
-            s = self.score(m, picks[p.index], snap) if m is not None else 1e18
-            scored.append((s, p))
-        scored.sort(key=_first)
-        return self._finish(view, [p for _, p in scored], rng, self.name)
+        w = self.pick_weight(snap)
+        ordered = sorted(cands, key=lambda p: base[p.index] + picks[p.index] * w)
+        return self._finish(view, ordered, rng, self.name)
 
 
-def _first(t: tuple[float, PodStatus]) -> float:
-    return t[0]
+INF = float("inf")
+
+
+def _shuffled(pods: tuple[PodStatus, ...], rng: random.Random) -> tuple[PodStatus, ...]:
+    out = list(pods)
+    rng.shuffle(out)
+    return tuple(out)
+
+
+def make_view(snap: Snapshot, strategies: dict[str, Strategy], rng: random.Random) -> PoolView:
+    """Everything a pick needs that depends only on the snapshot, computed once, off the hot
+    path: the shuffled candidate order and each metric strategy's base scores."""
+    view = PoolView(snap, order=_shuffled(snap.routable, rng))
+    for s in strategies.values():
+        if isinstance(s, MetricStrategy):
+            s.prepare(view)
+    return view
 
 
 class LeastRequestStrategy(MetricStrategy):
@@ -202,8 +254,8 @@ class LeastRequestStrategy(MetricStrategy):
 
     name = "least-request"
 
-    def score(self, m: EngineMetrics, picks: int, snap: Snapshot) -> float:
-        return m.running + m.waiting + picks
+    def base_score(self, m: EngineMetrics, snap: Snapshot) -> float:
+        return m.running + m.waiting
 
 
 class LeastQueueStrategy(MetricStrategy):
@@ -211,8 +263,8 @@ class LeastQueueStrategy(MetricStrategy):
 
     name = "least-queue"
 
-    def score(self, m: EngineMetrics, picks: int, snap: Snapshot) -> float:
-        return m.waiting * 1e4 + m.running + picks
+    def base_score(self, m: EngineMetrics, snap: Snapshot) -> float:
+        return m.waiting * 1e4 + m.running
 
 
 class LeastKVCacheStrategy(MetricStrategy):
@@ -228,12 +280,15 @@ class LeastKVCacheStrategy(MetricStrategy):
             return "no_kv_metric"
         return ""
 
-    def score(self, m: EngineMetrics, picks: int, snap: Snapshot) -> float:
+    def base_score(self, m: EngineMetrics, snap: Snapshot) -> float:
         kv = m.kv_cache_usage
         if kv is None:  # this engine does not export KV use: assume the pool's median
             med = snap.warm_median
             kv = med.kv_cache_usage if med is not None and med.kv_cache_usage is not None else 0.5
-        return kv + picks * snap.kv_per_request
+        return kv
+
+    def pick_weight(self, snap: Snapshot) -> float:
+        return snap.kv_per_request
 
 
 def build_strategies(cfg: RoutingSection) -> dict[str, Strategy]:
