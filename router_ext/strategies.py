@@ -38,9 +38,9 @@ class PoolView:
     # (inf for pods that cannot be scored). Filled at publish time (Router.publish), so a
     # pick only adds `picks[i] * weight` to a number it looks up.
     base: dict[str, list[float]] = field(default_factory=dict)
-    # Routable pods in an order shuffled once per snapshot: metric strategies compare a
+    # Indexes of the routable pods, shuffled once per snapshot: metric strategies compare a
     # window of it starting at a random offset, a cheap uniform sample.
-    order: tuple[PodStatus, ...] = ()
+    order: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.snapshot.pods)
@@ -210,33 +210,34 @@ class MetricStrategy(Strategy):
         base = view.base.get(self.name)
         if base is None:  # Router.publish prepares eagerly; direct callers get it here
             base = self.prepare(view)
-        pool = view.order
-        if not pool:  # as above: Router.publish shuffles once per snapshot
-            pool = view.order = _shuffled(snap.routable, rng)
-        n = len(pool)
+        order = view.order
+        if not order:  # as above: Router.publish shuffles once per snapshot
+            order = view.order = _shuffled(snap.routable, rng)
+        n = len(order)
         k = self.cfg.sample_size
         # A window of k from a random offset in a per-snapshot shuffled order: uniform
         # enough, O(k), and the random start also breaks ties between equal scores.
         start = rng.randrange(n)
         if n <= k:
-            cands = pool[start:] + pool[:start]
+            ids = order[start:] + order[:start]
         elif start + k <= n:
-            cands = pool[start : start + k]
+            ids = order[start : start + k]
         else:
-            cands = pool[start:] + pool[: start + k - n]
+            ids = order[start:] + order[: start + k - n]
         picks = view.picks
         w = self.pick_weight(snap)
-        ordered = sorted(cands, key=lambda p: base[p.index] + picks[p.index] * w)
-        return self._finish(view, ordered, rng, self.name)
+        scored = sorted([(base[i] + picks[i] * w, i) for i in ids])
+        pods = snap.pods
+        return self._finish(view, [pods[i] for _, i in scored], rng, self.name)
 
 
 INF = float("inf")
 
 
-def _shuffled(pods: tuple[PodStatus, ...], rng: random.Random) -> tuple[PodStatus, ...]:
-    out = list(pods)
+def _shuffled(pods: tuple[PodStatus, ...], rng: random.Random) -> list[int]:
+    out = [p.index for p in pods]
     rng.shuffle(out)
-    return tuple(out)
+    return out
 
 
 def make_view(snap: Snapshot, strategies: dict[str, Strategy], rng: random.Random) -> PoolView:

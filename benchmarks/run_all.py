@@ -1,0 +1,121 @@
+"""Run every benchmark in one go and write docs/performance.md (what `make bench` runs).
+
+    python -m benchmarks.run_all           # full run (~25 min on 2 cores)
+    python -m benchmarks.run_all --quick   # smoke run: same code paths, short durations
+
+One run produces every committed number: benchmarks/results/*.md, docs/quality_ttft_p90.png
+and docs/performance.md, so the tables in the docs always come from the same machine state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from benchmarks import decision_cost, overhead, quality, scrape_cost
+from benchmarks.common import DOCS_DIR, RESULTS_DIR, machine_markdown, write_result
+from benchmarks.peer_vllm_router import (
+    PEER_VENV,
+    PeerUnavailable,
+    ensure_peer,
+    peer_markdown,
+    peer_version,
+)
+
+
+def _section(name: str) -> str:
+    """A result file's body without its first heading line."""
+    text = (RESULTS_DIR / f"{name}.md").read_text()
+    return text.split("\n", 1)[1].lstrip() if text.startswith("# ") else text
+
+
+def _targets() -> str:
+    """The verdict lines (`**Target** ...`) of every result file, as one list."""
+    lines = []
+    for name in ("overhead", "decision_cost", "scrape_cost", "quality"):
+        for line in (RESULTS_DIR / f"{name}.md").read_text().splitlines():
+            if line.startswith("**Target**"):
+                lines.append("- " + line.removeprefix("**Target** "))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short smoke run")
+    args = ap.parse_args()
+    quick: bool = args.quick
+    t0 = time.monotonic()
+    machine = machine_markdown()
+    try:
+        ensure_peer()
+        peer_status = (
+            f"vllm-router {peer_version()} (PyPI), installed in benchmarks/{PEER_VENV.name}"
+        )
+    except PeerUnavailable as e:
+        peer_status = f"vllm-router NOT AVAILABLE: {e}"
+    print(peer_status, flush=True)
+    timings: dict[str, float] = {}
+    t = time.monotonic()
+    ov = overhead.run(quick=quick, configs=("a", "b", "c", "e", "d"))
+    timings["overhead"] = time.monotonic() - t
+    t = time.monotonic()
+    decision_cost.run(quick=quick)
+    timings["decision cost"] = time.monotonic() - t
+    t = time.monotonic()
+    scrape_cost.run(quick=quick)
+    timings["scrape cost"] = time.monotonic() - t
+    t = time.monotonic()
+    q = quality.run(quick=quick)
+    timings["quality"] = time.monotonic() - t
+    write_result("peer_vllm_router", peer_markdown(peer_status, ov, q))
+    write_performance(time.monotonic() - t0, timings, quick, machine, peer_status)
+
+
+def write_performance(
+    total: float, timings: dict[str, float], quick: bool, machine: str, peer_status: str
+) -> None:
+    """docs/performance.md from the result files this run just wrote."""
+    mode = " --quick" if quick else ""
+    took = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+    doc = f"""# Performance
+
+Every number below comes from one run of `python -m benchmarks.run_all{mode}` (`make bench`),
+which took {total / 60:.1f} min ({took}). The machine is shared with other engineers' test
+runs and has 2 cores, so absolute numbers move between runs; each benchmark therefore measures
+its configurations **side by side in one run, with interleaved repetitions**, and the verdicts
+use ratios from the same rounds.
+
+{machine}
+Reproduce everything: `make bench` (or `python -m benchmarks.run_all`; `--quick` for a smoke run).
+Each part alone: `python -m benchmarks.overhead`, `python -m benchmarks.decision_cost`,
+`python -m benchmarks.scrape_cost`, `python -m benchmarks.quality`,
+`python -m benchmarks.peer_vllm_router` (all accept `--quick`).
+Raw per-part results: `benchmarks/results/*.md`.
+
+## Targets
+
+{_targets()}
+## Overhead (`python -m benchmarks.overhead`)
+
+{_section("overhead").replace("../../docs/", "")}
+## Decision cost vs pool size (`python -m benchmarks.decision_cost`)
+
+{_section("decision_cost").split(chr(10), 4)[-1].replace("../../docs/", "")}
+## Scrape cost (`python -m benchmarks.scrape_cost`)
+
+{_section("scrape_cost").split(chr(10), 4)[-1]}
+## Routing quality (`python -m benchmarks.quality`)
+
+{_section("quality").split(chr(10), 4)[-1].replace("../../docs/", "")}
+## Peer: vllm-router (`python -m benchmarks.peer_vllm_router`)
+
+{peer_status}. A Rust proxy in the data path (no Envoy): its `round_robin` is row (d) of the
+overhead table, its `power_of_two` and `cache_aware` policies are rows of the quality table,
+measured in the same runs as router-ext.
+"""
+    (DOCS_DIR / "performance.md").write_text(doc)
+    print(f"wrote docs/performance.md; total {total / 60:.1f} min ({took})")
+
+
+if __name__ == "__main__":
+    main()
