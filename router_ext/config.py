@@ -26,6 +26,11 @@ SERVED_BY_HEADER = "x-served-by"
 #: Envoy's request id; used to tag log lines.
 REQUEST_ID_HEADER = "x-request-id"
 
+#: The only request headers router-ext reads. Envoy forwards just these to it (ext_proc
+#: forward_rules): less to send, decode and scan per request, and the router never sees
+#: credentials such as Authorization.
+ROUTER_READS_HEADERS = (STRATEGY_REQUEST_HEADER, REQUEST_ID_HEADER, TARGET_POD_HEADER)
+
 #: The ext_proc service name, also a grpc.health.v1 service name.
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2 as al
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from google.protobuf.duration_pb2 import Duration
 
 from router_ext.config import TARGET_POD_HEADER
 
@@ -48,9 +49,9 @@ def _addr(sa: al.AccessLogCommon) -> str:
     return f"{host}:{s.port_value}"
 
 
-def _seconds(d: object) -> float | None:
+def _seconds(d: Duration) -> float | None:
     # google.protobuf.Duration; unset (0) means "did not happen".
-    secs = getattr(d, "seconds", 0) + getattr(d, "nanos", 0) / 1e9
+    secs: float = d.seconds + d.nanos * 1e-9
     return secs if secs > 0 else None
 
 

@@ -36,12 +36,12 @@ class Pod:
     model: str = ""
     ready: bool = True
     draining: bool = False
+    # "ip:port" ("[v6]:port"), formatted once: the hot path reads it on every request.
+    address: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def address(self) -> str:
-        if ":" in self.host:  # IPv6 literal
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        object.__setattr__(self, "address", f"{host}:{self.port}")
 
     @property
     def label(self) -> str:
@@ -103,9 +103,10 @@ class PodStatus:
     # estimate when cold or stale (see lifecycle.conservative_estimate). None: no estimate.
     score_metrics: EngineMetrics | None = None
 
-    @property
-    def address(self) -> str:
-        return self.pod.address
+    address: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", self.pod.address)
 
 
 @dataclass(frozen=True)

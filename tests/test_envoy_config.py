@@ -543,7 +543,9 @@ IMMEDIATE_BODY = b'{"error": {"message": "shed by router", "type": "rate_limit",
 
 
 class _FakeRouter(ep_grpc.ExternalProcessorServicer, als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    """Minimal router-ext stand-in: `x-test-pick` becomes x-target-pod, `x-test-immediate`
+    """Minimal router-ext stand-in. Envoy forwards only the headers router-ext reads, so the
+    test speaks through one of them: `x-routing-strategy-request: ADDR[,ADDR]` becomes
+    x-target-pod, `x-routing-strategy-request: immediate`
     gets a 429 immediate response; access-log entries are collected."""
 
     def __init__(self) -> None:
@@ -559,7 +561,8 @@ class _FakeRouter(ep_grpc.ExternalProcessorServicer, als_pb2_grpc.AccessLogServi
                 continue
             hdrs = {h.key: h.raw_value.decode() for h in req.request_headers.headers.headers}
             self.seen_headers.append(hdrs)
-            if "x-test-immediate" in hdrs:
+            pick = hdrs.get(rc.STRATEGY_REQUEST_HEADER, "")
+            if pick == "immediate":
                 yield ep.ProcessingResponse(
                     immediate_response=ep.ImmediateResponse(
                         status=http_status_pb2.HttpStatus(code=429),
@@ -572,7 +575,7 @@ class _FakeRouter(ep_grpc.ExternalProcessorServicer, als_pb2_grpc.AccessLogServi
                 continue
             mutation = ep.HeaderMutation(
                 set_headers=[
-                    _header(rc.TARGET_POD_HEADER, hdrs.get("x-test-pick", "")),
+                    _header(rc.TARGET_POD_HEADER, pick),
                     _header(rc.STRATEGY_USED_HEADER, "test-pick"),
                 ]
             )
@@ -882,15 +885,21 @@ def test_router_header_steers_fails_over_and_immediate_reply_passes_through(
 
     # The router's pick wins every time; a client-sent x-target-pod never reaches the router.
     for _ in range(5):
-        status, headers, _ = _get(live.url, {"x-test-pick": b, rc.TARGET_POD_HEADER: a})
+        status, headers, _ = _get(
+            live.url,
+            {rc.STRATEGY_REQUEST_HEADER: b, rc.TARGET_POD_HEADER: a, "authorization": "Bearer k"},
+        )
         assert status == 200
         assert headers[rc.SERVED_BY_HEADER] == "B"
         assert headers[rc.STRATEGY_USED_HEADER] == "test-pick"
         assert headers[ROUTED_TO_HEADER] == b
     assert fake.seen_headers and all(rc.TARGET_POD_HEADER not in h for h in fake.seen_headers)
+    # Only the headers router-ext reads are forwarded: credentials never reach it.
+    assert all(set(h) <= set(rc.ROUTER_READS_HEADERS) for h in fake.seen_headers)
+    assert all("authorization" not in h for h in fake.seen_headers)
 
     # Primary is dead: connect failure -> retry on the next entry of the list.
-    status, headers, _ = _get(live.url, {"x-test-pick": f"{dead},{a}"})
+    status, headers, _ = _get(live.url, {rc.STRATEGY_REQUEST_HEADER: f"{dead},{a}"})
     assert status == 200
     assert headers[rc.SERVED_BY_HEADER] == "A"
     assert headers[ROUTED_TO_HEADER] == a
@@ -901,7 +910,9 @@ def test_router_header_steers_fails_over_and_immediate_reply_passes_through(
     # A 3 MiB prompt still fails over: request_body_buffer_limit (16 MiB) keeps the body for
     # the retry. Measured: with Envoy's 1 MiB default the retry is abandoned and the client
     # gets a 503 (retry_or_shadow_abandoned).
-    status, headers, _ = _post(live.url, b"x" * (3 << 20), {"x-test-pick": f"{dead},{a}"})
+    status, headers, _ = _post(
+        live.url, b"x" * (3 << 20), {rc.STRATEGY_REQUEST_HEADER: f"{dead},{a}"}
+    )
     assert status == 200
     assert headers[rc.SERVED_BY_HEADER] == "A"
     assert live.envoy.stats(f"cluster.{CLUSTER_PODS}.retry_or_shadow_abandoned") == {
@@ -909,7 +920,7 @@ def test_router_header_steers_fails_over_and_immediate_reply_passes_through(
     }
 
     # router-ext's own JSON error is not re-wrapped by local_reply_config.
-    status, headers, body = _get(live.url, {"x-test-immediate": "1"})
+    status, headers, body = _get(live.url, {rc.STRATEGY_REQUEST_HEADER: "immediate"})
     assert status == 429
     assert body == IMMEDIATE_BODY
     assert headers["content-type"] == "application/json"
