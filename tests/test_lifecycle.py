@@ -204,3 +204,32 @@ def test_conservative_estimates() -> None:
     assert stale_busy is not None and stale_busy.waiting == 9
     assert conservative_estimate(PodState.COLD, None, None) is None
     assert conservative_estimate(PodState.UNREACHABLE, idle, median) is None
+
+
+def test_warmup_keeps_a_new_pod_out_until_its_request_finished() -> None:
+    cfg = RouterConfig.model_validate(
+        {"warmup": {"enabled": True}, "routing": {"slow_start_s": 10}}
+    )
+    lc, clk = lifecycle(cfg)
+    ps = pods(2)
+    lc.apply_discovery(ps[:1])
+    assert not lc.needs_warmup(ps[0].address)  # known at start-up: no warm-up
+    lc.apply_discovery(ps)
+    assert lc.needs_warmup(ps[1].address)
+    snap = lc.build_snapshot()
+    assert snap.pods[1].state is PodState.NOT_READY
+    assert [p.pod.name for p in snap.routable] == ["pod-0"]
+    clk.advance(3)
+    lc.warmup_done(ps[1].address, ok=False, detail="HTTP 500 in 0.1s")  # admitted anyway
+    snap = lc.build_snapshot()
+    assert snap.pods[1].state is PodState.COLD
+    assert snap.pods[1].ramp == pytest.approx(RAMP_FLOOR)  # slow start counts from warm-up end
+
+
+def test_warmup_is_off_by_default() -> None:
+    lc, _ = lifecycle()
+    ps = pods(2)
+    lc.apply_discovery(ps[:1])
+    lc.apply_discovery(ps)
+    assert not lc.needs_warmup(ps[1].address)
+    assert lc.build_snapshot().pods[1].state is PodState.COLD
