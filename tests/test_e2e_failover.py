@@ -334,7 +334,7 @@ async def test_pod_process_sigkill_under_load(make_stack, tmp_path: Path) -> Non
 
     import yaml
 
-    from router_ext.stack import _Proc
+    from router_ext.stack import ChildProcess
 
     st = make_stack(
         pods=3,
@@ -344,7 +344,7 @@ async def test_pod_process_sigkill_under_load(make_stack, tmp_path: Path) -> Non
         router_overrides={"routing": {"slow_start_s": 0}},
     )
     solo_cmd = ["sim", "--pods", "1", "--names-prefix", "fast-", "--base-port", "0"]
-    solo = _Proc(
+    solo = ChildProcess(
         "solo",
         [sys.executable, "-m", "router_ext.cli", *solo_cmd, "--control-port", "0"],
         tmp_path / "solo.log",
