@@ -7,6 +7,7 @@ and only side-by-side ratios from one run are comparable), and write Markdown th
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -14,7 +15,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,3 +179,13 @@ def median(xs: Sequence[float]) -> float:
     if n == 0:
         return float("nan")
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def run_main(doc: str | None, run: Callable[..., str]) -> None:
+    """The `python -m benchmarks.X [--quick]` entry point shared by the simple benchmarks."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short smoke run")
+    args = ap.parse_args()
+    t0 = time.monotonic()
+    print(run(quick=args.quick))
+    print(f"took {time.monotonic() - t0:.0f} s")

@@ -17,7 +17,6 @@ Wall-clock time, single thread, GC left on (as in the server).
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from collections.abc import Callable
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from benchmarks.common import DOCS_DIR, loadavg, machine_markdown, md_table, write_result
+from benchmarks.common import DOCS_DIR, loadavg, machine_markdown, md_table, run_main, write_result
 from router_ext.config import STRATEGY_NAMES, RouterConfig
 from router_ext.extproc import ExtProcServicer
 from router_ext.lifecycle import PodLifecycle
@@ -214,12 +213,7 @@ def _plot(cells: dict[tuple[str, int], list[float]]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    t0 = time.monotonic()
-    print(run(quick=args.quick))
-    print(f"took {time.monotonic() - t0:.0f} s")
+    run_main(__doc__, run)
 
 
 if __name__ == "__main__":

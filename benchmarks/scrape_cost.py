@@ -17,7 +17,6 @@ Pods kept fresh at a 1 s interval by one core = 1 s / (CPU per pod scrape).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import resource
@@ -25,7 +24,15 @@ import sys
 import time
 
 from benchmarks import parse_cost
-from benchmarks.common import RUN_DIR, BenchError, Child, loadavg, machine_markdown, write_result
+from benchmarks.common import (
+    RUN_DIR,
+    BenchError,
+    Child,
+    loadavg,
+    machine_markdown,
+    run_main,
+    write_result,
+)
 from router_ext.config import ScrapeSection
 from router_ext.scraper import Scraper
 from router_ext.snapshot import Pod
@@ -116,12 +123,7 @@ def run(quick: bool = False) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    t0 = time.monotonic()
-    print(run(quick=args.quick))
-    print(f"took {time.monotonic() - t0:.0f} s")
+    run_main(__doc__, run)
 
 
 if __name__ == "__main__":
