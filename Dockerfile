@@ -11,12 +11,14 @@ RUN pip install . && rm -rf /src
 # Directories the compose volumes mount over: created here, owned by the runtime user, so a
 # fresh named volume inherits that ownership and the router can write the EDS file.
 RUN useradd --system --uid 10001 --home-dir /nonexistent router-ext \
-    && mkdir -p /etc/router-ext/run/envoy/eds /shared \
+    && mkdir -p /etc/router-ext/run/envoy/eds /etc/router-ext/run/secrets /shared \
+    && chmod 700 /etc/router-ext/run/secrets \
     && chown -R router-ext /etc/router-ext/run /shared
 USER router-ext
 WORKDIR /etc/router-ext
 
-# 50051: ext_proc + health + access-log sink + admin API (gRPC); 9464: /metrics.
+# 50051: ext_proc + access-log sink (token required) + grpc.health.v1; 9464: /metrics.
+# The admin API (9465) binds the container's loopback by default and is not exposed.
 EXPOSE 50051 9464
 ENTRYPOINT ["router-ext"]
 CMD ["serve", "--config", "/etc/router-ext/router-ext.yaml", "--log-json"]

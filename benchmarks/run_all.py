@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks import decision_cost, overhead, quality, scrape_cost
+from benchmarks import decision_cost, overhead, quality, scrape_cost, scrape_load, soak
 from benchmarks.common import DOCS_DIR, RESULTS_DIR, machine_markdown, write_result
 from benchmarks.peer_vllm_router import (
     PEER_VENV,
@@ -32,7 +32,7 @@ def _section(name: str) -> str:
 def _targets() -> str:
     """The verdict lines (`**Target** ...`) of every result file, as one list."""
     lines = []
-    for name in ("overhead", "decision_cost", "scrape_cost", "quality"):
+    for name in ("overhead", "decision_cost", "scrape_cost", "scrape_load", "quality", "soak"):
         for line in (RESULTS_DIR / f"{name}.md").read_text().splitlines():
             if line.startswith("**Target**"):
                 lines.append("- " + line.removeprefix("**Target** "))
@@ -65,8 +65,14 @@ def main() -> None:
     scrape_cost.run(quick=quick)
     timings["scrape cost"] = time.monotonic() - t
     t = time.monotonic()
+    scrape_load.run(quick=quick)
+    timings["scrape load"] = time.monotonic() - t
+    t = time.monotonic()
     q = quality.run(quick=quick)
     timings["quality"] = time.monotonic() - t
+    t = time.monotonic()
+    soak.run(quick=quick)  # 1,000,000 requests (~7-10 min); benchmarks/results/soak.md
+    timings["soak"] = time.monotonic() - t
     write_result("peer_vllm_router", peer_markdown(peer_status, ov, q))
     write_performance(time.monotonic() - t0, timings, quick, machine, peer_status)
 
@@ -88,7 +94,8 @@ use ratios from the same rounds.
 {machine}
 Reproduce everything: `make bench` (or `python -m benchmarks.run_all`; `--quick` for a smoke run).
 Each part alone: `python -m benchmarks.overhead`, `python -m benchmarks.decision_cost`,
-`python -m benchmarks.scrape_cost`, `python -m benchmarks.quality`,
+`python -m benchmarks.scrape_cost`, `python -m benchmarks.scrape_load`,
+`python -m benchmarks.quality`,
 `python -m benchmarks.peer_vllm_router` (all accept `--quick`).
 Raw per-part results: `benchmarks/results/*.md`.
 
@@ -104,6 +111,9 @@ Raw per-part results: `benchmarks/results/*.md`.
 ## Scrape cost (`python -m benchmarks.scrape_cost`)
 
 {_section("scrape_cost").split(chr(10), 4)[-1]}
+## Scrape load: in-process vs worker process (`python -m benchmarks.scrape_load`)
+
+{_section("scrape_load").split(chr(10), 4)[-1]}
 ## Routing quality (`python -m benchmarks.quality`)
 
 {_section("quality").split(chr(10), 4)[-1].replace("../../docs/", "")}

@@ -371,6 +371,29 @@ def failover_panels() -> list[Panel]:
             unit="reqps",
         ),
         Panel(
+            "Streams cut after headers",
+            "Responses whose 200 had reached the client when the pod reset or closed the "
+            "stream (a pod crash under streaming load), from Envoy's access log. Envoy cannot "
+            "retry these: the client saw a truncated stream. Planned shutdowns (SIGTERM with "
+            "a grace period) keep this at 0.",
+            [
+                Target(_rate("router_ext_streams_cut_total", "reason"), "{{reason}}/s"),
+                Target(
+                    "sum(increase(router_ext_streams_cut_total[$__range]))",
+                    "cut in range",
+                ),
+            ],
+            unit="reqps",
+        ),
+        Panel(
+            "Access-log entries rejected",
+            "Entries the router ignored: stale (ended > 60 s ago: a replay), future (clock "
+            "skew or forgery) or naming a pod discovery does not know. Anything above 0 outside "
+            "a scale-in means someone other than Envoy is talking to the access-log port.",
+            [Target(_rate("router_ext_access_log_entries_rejected_total", "reason"), "{{reason}}")],
+            unit="ops",
+        ),
+        Panel(
             "Router: unreachable pods",
             "Pods the router keeps out of its answers, and pods it marked unreachable from "
             "Envoy's access log (before the next scrape could).",

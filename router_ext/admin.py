@@ -1,15 +1,16 @@
 """Admin API (router_ext.v1.AdminService): read-only views of a running router.
 
-Served on the router's gRPC port next to ext_proc, so an operator asks the process that routes
-rather than a copy of its state. Both calls run on the router's event loop and only read: the
-snapshot is immutable, and `Explain` runs the strategy on a *copy* of the pick counters with
-its own random generator and its own copy of the strategy object, so asking "where would this
-go?" never moves a counter, a round-robin cursor or the routing RNG.
+Served by the routing process on its own listener (`router.admin`, loopback by default), not on
+the port Envoy reaches: an operator asks the process that routes rather than a copy of its
+state, and nothing that can reach ext_proc can read the fleet through it. Both calls run on
+the router's event loop and only read: the snapshot is immutable, and `Explain` runs the
+router's own decision on a *copy* of the pick counters, with its own random generator and its
+own copies of the profiles' stateful plugins, so asking "where would this go?" never moves a
+counter, a round-robin cursor or the routing RNG.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import random
 import time
@@ -20,11 +21,10 @@ import grpc
 
 from router_ext.api.v1 import admin_pb2 as pb
 from router_ext.api.v1 import admin_pb2_grpc as pb_grpc
-from router_ext.config import STRATEGY_REQUEST_HEADER
-from router_ext.errors import NO_POD, SATURATED, unknown_strategy
-from router_ext.router import Router
+from router_ext.errors import NO_POD, SATURATED, ClientError
+from router_ext.router import DryRun, NotReady, Router
+from router_ext.routing import RequestContext, Trace
 from router_ext.snapshot import ROUTABLE_STATES, EngineMetrics, PodState, PodStatus, Snapshot
-from router_ext.strategies import MetricStrategy, NoPodError
 
 if TYPE_CHECKING:
     from router_ext.server import RouterApp
@@ -124,16 +124,14 @@ def explain(
 ) -> pb.ExplainResponse:
     """What `router.route` would answer for these headers, without routing anything.
 
-    Mirrors Router.route's outcomes (bad_request, not_ready, no_pod, degraded, picked) and adds
-    what the hot path never computes: every routable pod's score (not just the sampled ones)
-    and the filters that kept pods out of the primary choice.
+    Runs the router's own decision (`Router.route` as a dry run: the same checks, the same
+    pipeline) on private copies: of the pick counters, of the profiles' stateful plugins (a
+    round-robin cursor) and of the random generator. A trace of that run gives what the hot
+    path never keeps: each scorer's score per sampled pod, and the pods kept out and by what.
     """
     reasons = reasons or {}
-    requested = ""
-    for k, v in headers:
-        if k.strip().lower() == STRATEGY_REQUEST_HEADER:
-            requested = v.strip()
-    name = requested or router.default_strategy
+    ctx = RequestContext.from_headers(headers)
+    name = ctx.profile or router.default_strategy
     view = router.view
     snap = view.snapshot
     resp = pb.ExplainResponse(requested_strategy=name, snapshot_version=snap.version)
@@ -156,59 +154,76 @@ def explain(
                     detail=f"ramp {p.ramp:.2f}: at most that share of a fair share of picks",
                 )
             )
-    strategy = router.strategies.get(name)
-    if strategy is None:
-        resp.outcome = pb.EXPLAIN_OUTCOME_BAD_REQUEST
-        resp.error = unknown_strategy(name).message
-        return resp
-    if not snap.ready:
+    private = {n: prof.fork() for n, prof in router.selectable.items()}
+    trial = dataclasses.replace(view, picks=list(view.picks), started=list(view.started))
+    trace = Trace()
+    d = router.route(ctx, DryRun(trial, rng or random.Random(), private, trace))
+    if isinstance(d, NotReady):
         resp.outcome = pb.EXPLAIN_OUTCOME_NOT_READY
         resp.error = "router has no ready snapshot yet: Envoy's fallback policy balances"
         return resp
-    if snap.saturated:
-        resp.outcome = pb.EXPLAIN_OUTCOME_SATURATED
-        resp.error = SATURATED.message
-        return resp
-    # A private copy: the round-robin cursor and the pick counters stay untouched.
-    private = copy.copy(strategy)
-    trial = dataclasses.replace(view, picks=list(view.picks), started=list(view.started))
-    try:
-        d = private.pick(trial, rng or random.Random())
-    except NoPodError:
-        resp.outcome = pb.EXPLAIN_OUTCOME_NO_POD
-        resp.error = NO_POD.message
+    if isinstance(d, ClientError):
+        resp.outcome = _ERROR_OUTCOME.get(d.code, pb.EXPLAIN_OUTCOME_BAD_REQUEST)
+        resp.error = d.message
         return resp
     resp.strategy_used = d.used
     resp.degraded_reason = d.degraded
     resp.target_pod_header = d.header_value
     resp.outcome = pb.EXPLAIN_OUTCOME_DEGRADED if d.degraded else pb.EXPLAIN_OUTCOME_PICKED
+    for filt, p in trace.removed:
+        resp.exclusions.append(
+            pb.Exclusion(
+                name=p.pod.label, address=p.address, filter=filt, detail="removed by the profile"
+            )
+        )
     position = {p.address: i for i, p in enumerate(d.pods)}
-    scores: dict[str, float] = {}
-    if isinstance(strategy, MetricStrategy) and not strategy.unusable(snap):
-        for p in snap.routable:
-            m = p.score_metrics or snap.warm_median
-            if m is not None:
-                scores[p.address] = strategy.score(m, view.picks[p.index], snap)
+    # Per sampled pod: (shortfall, total, per-scorer detail); only when the scores decided.
+    scored: dict[str, tuple[float, float, list[pb.ScorerScore]]] = {}
+    if trace.totals is not None and not d.degraded:
+        weights = sum(w for _, w, _ in trace.scores)
+        for j, p in enumerate(trace.candidates):
+            per_scorer = []
+            for scorer, w, got in trace.scores:
+                item = pb.ScorerScore(scorer=scorer, weight=w)
+                x = got[j] if got is not None else None
+                if x is not None:
+                    item.score = x
+                per_scorer.append(item)
+            total = max(0.0, trace.totals[j])
+            scored[p.address] = (weights - total, total, per_scorer)
+    sampled = {p.address for p in trace.candidates}
     # Routable pods plus any draining pod that made it into the answer as a last resort.
     shown = [p for p in snap.pods if p.state in ROUTABLE_STATES or p.address in position]
 
-    def order(p: PodStatus) -> tuple[float, int]:
-        return (scores.get(p.address, 0.0), position.get(p.address, 1 << 20))
+    def order(p: PodStatus) -> tuple[int, float, int]:
+        mine = scored.get(p.address)
+        return (0 if mine else 1, mine[0] if mine else 0.0, position.get(p.address, 1 << 20))
 
     for p in sorted(shown, key=order):
         c = pb.Candidate(
             name=p.pod.label,
             address=p.address,
             state=_STATE_TO_PB[p.state],
-            score_basis=_score_basis(p, snap) if scores else "none",
+            score_basis="none",
             picks_since_snapshot=view.picks[p.index],
             ramp=p.ramp,
             position=position.get(p.address, -1),
         )
-        if p.address in scores:
-            c.score = scores[p.address]
+        mine = scored.get(p.address)
+        if mine is not None:
+            c.score, c.total = mine[0], mine[1]
+            c.scores.extend(mine[2])
+            c.score_basis = _score_basis(p, snap)
+        elif scored and p.address not in sampled:
+            c.score_basis = "not_sampled"
         resp.candidates.append(c)
     return resp
+
+
+_ERROR_OUTCOME = {
+    SATURATED.code: pb.EXPLAIN_OUTCOME_SATURATED,
+    NO_POD.code: pb.EXPLAIN_OUTCOME_NO_POD,
+}
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
@@ -236,5 +251,5 @@ class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
 
 
 def add_admin_service(app: RouterApp, server: grpc.aio.Server) -> None:
-    """Register the admin API on the router's gRPC server (called by RouterApp)."""
+    """Register the admin API on the admin gRPC server (called by RouterApp)."""
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)

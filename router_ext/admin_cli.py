@@ -23,15 +23,15 @@ _CLEAR = "\x1b[H\x1b[2J"
 
 def _default_router(config: str | None) -> str:
     try:
-        g = load_config(config).router.grpc
+        g = load_config(config).router.admin
     except ConfigError:
-        g = load_config(None).router.grpc
+        g = load_config(None).router.admin
     host = "127.0.0.1" if g.host in ("0.0.0.0", "", "::") else g.host
     return f"{host}:{g.port}"
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--router", help="router gRPC address host:port (default: config router.grpc)")
+    p.add_argument("--router", help="router admin address host:port (default: config router.admin)")
     p.add_argument("--config", "-c", help="router config YAML to take the address from")
     p.add_argument("--timeout", type=float, default=3.0, help="per-call deadline in seconds")
 

@@ -17,11 +17,15 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from router_ext.server import serve
+    from router_ext.server import StartupError, serve
 
     setup_logging(args.log_level, args.log_json)
     cfg = load_config(args.config)
-    return asyncio.run(serve(cfg))
+    try:
+        return asyncio.run(serve(cfg))
+    except StartupError as e:
+        print(f"router-ext: cannot start: {e}", file=sys.stderr)
+        return 2
 
 
 def _cmd_envoy_config(args: argparse.Namespace) -> int:
@@ -76,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("envoy-config", help="render the Envoy bootstrap from the router config")
     p.add_argument("--config", "-c", help="router config YAML")
     p.add_argument("--out", help="directory for envoy.yaml (default <config dir>/run/envoy)")
-    p.add_argument("--stdout", action="store_true", help="print the bootstrap YAML only")
+    p.add_argument(
+        "--stdout",
+        action="store_true",
+        help="print the bootstrap YAML only, the token redacted (for review and commits)",
+    )
     p.set_defaults(fn=_cmd_envoy_config)
 
     from router_ext.sim import add_sim_arguments

@@ -8,10 +8,18 @@ router and Envoy.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # --- Header names (wire contract between Envoy, router-ext and the pods) -----------------------
 #: Set by router-ext on the upstream request: "ip:port[,ip:port...]", primary first.
@@ -33,6 +41,8 @@ ROUTER_READS_HEADERS = (STRATEGY_REQUEST_HEADER, REQUEST_ID_HEADER, TARGET_POD_H
 
 #: The ext_proc service name, also a grpc.health.v1 service name.
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+#: Envoy's gRPC access-log service: the router's feedback sink.
+ACCESS_LOG_SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 
 STRATEGY_NAMES = ("random", "round-robin", "least-request", "least-kv-cache", "least-queue")
 
@@ -57,13 +67,42 @@ class Listen(_Strict):
         return f"{self.host}:{self.port}"
 
 
+class AuthSection(_Strict):
+    """How the router knows a gRPC stream comes from our Envoy (see router_ext/auth.py)."""
+
+    mode: Literal["token", "none"] = Field(
+        default="token",
+        description=(
+            "token: ext_proc and access-log streams must carry the shared token Envoy is "
+            "rendered with; others are refused (UNAUTHENTICATED) and counted. none: believe "
+            "anyone who reaches the port (only on a socket nothing else can reach)."
+        ),
+    )
+    token_file: Path = Field(
+        default=Path("run/router-token"),
+        description=(
+            "The shared token; generated (0600) on first use by `serve` or `envoy-config`. "
+            "Relative paths resolve against the config file. Never commit it."
+        ),
+    )
+
+
 class RouterSection(_Strict):
     grpc: Listen = Field(
         default=Listen(port=50051),
         description=(
-            "ext_proc, grpc.health.v1, the access-log sink and the admin API share one gRPC port."
+            "What Envoy must reach: ext_proc, the access-log sink (both authenticated) and "
+            "grpc.health.v1."
         ),
     )
+    admin: Listen = Field(
+        default=Listen(port=9465),
+        description=(
+            "Admin gRPC API (status, explain): its own listener, loopback unless configured, "
+            "so the port Envoy reaches exposes nothing an operator uses."
+        ),
+    )
+    auth: AuthSection = AuthSection()
     metrics: Listen = Field(
         default=Listen(port=9464),
         description="Prometheus /metrics of the router itself. Loopback unless configured.",
@@ -144,11 +183,112 @@ class ScrapeSection(_Strict):
             "Fetch concurrency cap so a 10,000-pod fleet does not open 10,000 sockets at once."
         ),
     )
+    max_body_bytes: int = Field(
+        default=4 << 20,
+        ge=1024,
+        le=1 << 30,
+        description=(
+            "Largest /metrics body read, in bytes (4 MiB). A real vLLM/SGLang page is tens to a "
+            "few hundred KB (~85 KB for two data-parallel engines; LoRA or many-engine pods "
+            "stay well under 1 MB), so 4 MiB is >10x headroom. A bigger page is a per-pod "
+            "`too_large` failure, checked on Content-Length and again while streaming, so a "
+            "runaway exporter (one measured at 20 MB cost 3.7 s of parsing) is never buffered "
+            "or parsed."
+        ),
+    )
+    in_process: bool = Field(
+        default=False,
+        description=(
+            "Fetch and parse on the router's own event loop (the old behaviour; unit tests "
+            "and A/B benchmarks). Default false: a separate worker process "
+            "(router_ext.scrape_worker) does it, so parsing a big or slow fleet can never "
+            "stall the ext_proc streams or the gRPC health answers Envoy needs."
+        ),
+    )
     path: str = "/metrics"
 
 
+#: Profile names travel in the x-routing-strategy header and label metrics: keep them plain.
+_PROFILE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+class PluginSpec(_Strict):
+    """One plugin of a profile: its registry name (router_ext/routing/registry.py) and params."""
+
+    name: str = Field(description="Registry name of the plugin.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="The plugin's parameters (unknown ones are refused)."
+    )
+
+    kind: ClassVar[str] = ""
+
+    @model_validator(mode="after")
+    def _known_plugin(self) -> PluginSpec:
+        # Imported here: the registry imports this module, and only a validation needs it.
+        from router_ext.routing import registry
+
+        registry.check(self.kind, self.name, self.params)
+        return self
+
+
+class FilterSpec(PluginSpec):
+    kind: ClassVar[str] = "filter"
+
+
+class PickerSpec(PluginSpec):
+    kind: ClassVar[str] = "picker"
+
+
+class ScorerSpec(PluginSpec):
+    kind: ClassVar[str] = "scorer"
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Multiplies this scorer's [0, 1] score in the profile's sum.",
+    )
+
+
+class ProfileSpec(_Strict):
+    """A routing profile: filters -> weighted scorers -> picker (README, "Routing profiles")."""
+
+    filters: list[FilterSpec] = Field(default_factory=list, description="Applied in order.")
+    scorers: list[ScorerSpec] = Field(
+        default_factory=list, description="Summed as weight x score; higher total is better."
+    )
+    picker: PickerSpec | None = Field(
+        default=None, description="Orders the candidates; default max-score."
+    )
+
+    @model_validator(mode="after")
+    def _scores_or_picks(self) -> ProfileSpec:
+        if not self.scorers and self.picker is None:
+            raise ValueError("a profile needs at least one scorer or a picker")
+        return self
+
+
 class RoutingSection(_Strict):
-    default_strategy: str = "least-request"
+    profiles: dict[str, ProfileSpec] = Field(
+        default_factory=dict,
+        description=(
+            "Operator-defined routing profiles by name: filters, weighted scorers, picker. The "
+            "built-in profiles (" + ", ".join(STRATEGY_NAMES) + ") always exist and cannot be "
+            "redefined."
+        ),
+    )
+    default_strategy: str = Field(
+        default="least-request",
+        description="Profile for requests that do not ask for one (built-in or configured).",
+    )
+    client_selectable: tuple[str, ...] = Field(
+        default=STRATEGY_NAMES,
+        description=(
+            "Profiles a client may ask for with x-routing-strategy-request (others get HTTP "
+            "400, as unknown ones). Default: the built-ins, which only reorder pods by load; "
+            "a configured profile is selectable only once listed here, so adding one for one "
+            "tenant or an experiment exposes nothing. The default profile is always allowed."
+        ),
+    )
     fallbacks: int = Field(
         default=2,
         ge=0,
@@ -186,12 +326,57 @@ class RoutingSection(_Strict):
     )
     seed: int | None = Field(default=None, description="Random seed (tests, benchmarks).")
 
+    @field_validator("profiles")
+    @classmethod
+    def _profile_names(cls, v: dict[str, ProfileSpec]) -> dict[str, ProfileSpec]:
+        for name in v:
+            if name in STRATEGY_NAMES:
+                raise ValueError(f"{name!r} is a built-in profile; choose another name")
+            if not (0 < len(name) <= 63 and set(name) <= _PROFILE_CHARS and name[0].isalnum()):
+                raise ValueError(
+                    f"profile name {name!r}: use 1-63 of a-z 0-9 . _ -, starting with a letter "
+                    "or digit (it is sent in a header and labels metrics)"
+                )
+        return v
+
     @field_validator("default_strategy")
     @classmethod
-    def _known_strategy(cls, v: str) -> str:
-        if v not in STRATEGY_NAMES:
-            raise ValueError(f"unknown strategy {v!r}; valid: {', '.join(STRATEGY_NAMES)}")
+    def _known_strategy(cls, v: str, info: ValidationInfo) -> str:
+        known = (*STRATEGY_NAMES, *info.data.get("profiles", {}))
+        if v not in known:
+            raise ValueError(f"unknown strategy {v!r}; valid: {', '.join(known)}")
         return v
+
+    @field_validator("client_selectable")
+    @classmethod
+    def _known_selectable(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        known = (*STRATEGY_NAMES, *info.data.get("profiles", {}))
+        unknown = [n for n in v if n not in known]
+        if unknown:
+            raise ValueError(f"unknown profile(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return v
+
+
+class FeedbackSection(_Strict):
+    """How far the router trusts Envoy's access-log feedback on its own."""
+
+    max_unreachable_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description=(
+            "A feedback mark that would leave no routable pod, or leave more than this share of "
+            "ready pods marked unreachable by feedback at once, is acted on only after the "
+            "router's own connect attempt to the pod fails: feedback alone (even authenticated, "
+            "even replayed) cannot take the pool down."
+        ),
+    )
+    probe_timeout_s: float = Field(
+        default=0.3,
+        gt=0,
+        le=10,
+        description="The corroborating TCP connect: refused or no answer within this = down.",
+    )
 
 
 class WarmupSection(_Strict):
@@ -279,6 +464,7 @@ class RouterConfig(_Strict):
     scrape: ScrapeSection = ScrapeSection()
     routing: RoutingSection = RoutingSection()
     warmup: WarmupSection = WarmupSection()
+    feedback: FeedbackSection = FeedbackSection()
     envoy: EnvoySection = EnvoySection()
     base_dir: Path = Field(
         default=Path("."),
@@ -288,6 +474,11 @@ class RouterConfig(_Strict):
     @property
     def pods_file(self) -> Path:
         p = self.discovery.pods_file
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def token_file(self) -> Path:
+        p = self.router.auth.token_file
         return p if p.is_absolute() else (self.base_dir / p)
 
     @property

@@ -35,6 +35,7 @@ class _PodEntry(BaseModel):
     address: str
     port: int | None = Field(default=None, ge=1, le=65535)
     name: str = ""
+    uid: str = ""
     model: str = ""
     ready: bool = True
     draining: bool = False
@@ -57,6 +58,7 @@ class _PodEntry(BaseModel):
             host=host,
             port=port,
             name=self.name,
+            uid=self.uid,
             model=self.model,
             ready=self.ready,
             draining=self.draining,
@@ -83,15 +85,27 @@ def _split_host_port(addr: str) -> tuple[str, int]:
 
 
 def parse_pods(text: str, source: str = "<pods file>") -> tuple[Pod, ...]:
-    """Parse pods-file text; raise DiscoveryError saying exactly what is wrong."""
+    """Parse pods-file text; raise DiscoveryError saying exactly what is wrong.
+
+    An empty pool must be said explicitly (`pods: []`). An empty or comment-only file, or a
+    mapping without `pods`, is what a truncated or non-atomic write looks like
+    (`: > pods.yaml` once emptied a running fleet for 6 s): an error, and the caller keeps its
+    last good set.
+    """
+    if not text.strip():
+        raise DiscoveryError(
+            f"{source}: file is empty (a truncated or non-atomic write?); an intentionally "
+            "empty pool is 'pods: []'"
+        )
     try:
         raw: Any = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise DiscoveryError(f"{source}: not valid YAML: {e}") from e
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise DiscoveryError(f"{source}: top level must be a mapping with 'pods:'")
+    if not isinstance(raw, dict) or "pods" not in raw:
+        raise DiscoveryError(
+            f"{source}: top level must be a mapping with 'pods:' (a partial write?); an "
+            "intentionally empty pool is 'pods: []'"
+        )
     try:
         parsed = _PodsFile.model_validate(raw)
         pods = tuple(e.to_pod() for e in parsed.pods)
@@ -144,12 +158,16 @@ class PodsFileDiscovery:
         self.last_error: str = ""
         self._stamp: _FileStamp | None = None
         self._listeners: list[Callable[[Sequence[Pod]], None]] = []
+        #: Called once per distinct error (as it is logged): the operator's metric.
+        self.error_listeners: list[Callable[[str], None]] = []
 
     def subscribe(self, fn: Callable[[Sequence[Pod]], None]) -> None:
         self._listeners.append(fn)
 
-    def check(self) -> bool:
-        """Re-read the file if it changed. Returns True when the pod set changed."""
+    def check(self, force: bool = False) -> bool:
+        """Re-read the file if it changed (or `force`). Returns True when the pod set changed."""
+        if force:
+            self._stamp = None
         try:
             st = os.stat(self.path)
         except OSError as e:
@@ -191,6 +209,8 @@ class PodsFileDiscovery:
             )
             log.error("discovery error: %s (%s)", msg, kept)
             self.last_error = msg
+            for fn in self.error_listeners:
+                fn(msg)
 
     def _log_diff(self, old: tuple[Pod, ...], new: tuple[Pod, ...]) -> None:
         o = {p.address: p for p in old}

@@ -40,16 +40,25 @@ def _default(v: Any) -> str:
     return f"`{v}`"
 
 
+def _rows(prefix: str, model: BaseModel) -> list[str]:
+    rows = []
+    for name, sub in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel) and not isinstance(value, Listen):
+            rows.extend(_rows(f"{prefix}.{name}", value))  # nested section: one row a field
+            continue
+        desc = (sub.description or "").replace("|", "\\|")
+        rows.append(f"| `{prefix}.{name}` | {_default(value)} | {desc} |")
+    return rows
+
+
 def config_reference_markdown() -> str:
     rows = ["| key | default | what and why |", "|---|---|---|"]
     cfg = RouterConfig()
     for section in RouterConfig.model_fields:
         value = getattr(cfg, section)
-        if not isinstance(value, BaseModel):
-            continue
-        for name, sub in type(value).model_fields.items():
-            desc = (sub.description or "").replace("|", "\\|")
-            rows.append(f"| `{section}.{name}` | {_default(getattr(value, name))} | {desc} |")
+        if isinstance(value, BaseModel):
+            rows.extend(_rows(section, value))
     return "\n".join(rows)
 
 

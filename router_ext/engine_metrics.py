@@ -23,6 +23,11 @@ pre-filter has cut the page down to the few families we read:
 Aggregation over data-parallel engines (several `engine` label values in vLLM, `dp_rank` in
 SGLang): running/waiting are summed, KV use is averaged, prefix-cache counters are summed before
 dividing, TTFT histograms are merged by summing the bucket counts per `le`.
+
+Repairs are reported, not silent: `parse_engine_page` returns, next to the metrics, a short
+human warning naming what it had to fix (a negative gauge clamped to 0, a NaN/Inf series
+skipped, a broken TTFT bucket), which the scraper puts in `ScrapeResult.warning` so the
+operator hears about a broken exporter once per pod instead of never.
 """
 
 from __future__ import annotations
@@ -39,13 +44,17 @@ __all__ = [
     "TTFT_QUANTILE",
     "MetricsParseError",
     "NoKnownMetricsError",
+    "NoUsableValuesError",
     "histogram_quantile",
     "parse_engine_metrics",
+    "parse_engine_page",
 ]
 
 NO_KNOWN_METRICS = "no known engine metrics (looked for vllm:, sglang:, trtllm_ names)"
 TTFT_QUANTILE = 0.9
 _MAX_LINE_IN_ERROR = 120
+# A warning is one log line: past this, the remaining repairs are summarised as "...".
+_MAX_WARNING = 300
 
 
 class MetricsParseError(ValueError):
@@ -58,6 +67,15 @@ class NoKnownMetricsError(MetricsParseError):
     A subclass so callers that only care about "unusable page" catch `MetricsParseError`, while
     the scraper can still report `no_known_metrics` (wrong port, exporter not enabled) apart
     from `parse` (a broken exporter).
+    """
+
+
+class NoUsableValuesError(NoKnownMetricsError):
+    """The engine's running/waiting families are there, but every value is NaN or Inf.
+
+    A subclass of `NoKnownMetricsError` (the pod must not look idle either way), told apart so
+    the scraper reports `no_usable_values` (the engine exports, but cannot count) rather than
+    `no_known_metrics` (wrong port, exporter off).
     """
 
 
@@ -232,6 +250,35 @@ def _detail(e: Exception) -> str:
     return _shorten(str(e) or type(e).__name__)
 
 
+class _Repairs:
+    """What the parser had to fix on one page, keyed by (what was done, sample name).
+
+    Only created on the first repair (the happy path allocates nothing): see `_note`.
+    """
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def add(self, what: str, name: str) -> None:
+        key = (what, name)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def text(self) -> str:
+        parts = []
+        for (what, name), n in self.counts.items():
+            # "negative vllm:num_requests_waiting clamped to 0 (2 series)"
+            part = what.format(name)  # metric names never contain braces
+            parts.append(part if n == 1 else f"{part} ({n} series)")
+        out = "; ".join(parts)
+        return out if len(out) <= _MAX_WARNING else out[: _MAX_WARNING - 3] + "..."
+
+
+def _kind(v: float) -> str:
+    return "NaN" if math.isnan(v) else "+Inf" if v > 0 else "-Inf"
+
+
 def _count(v: float) -> float | None:
     """running/waiting: NaN/±Inf are missing (an engine that cannot count is no evidence of an
     idle pod); negatives are clamped to 0 (a counting glitch, still 'nothing there')."""
@@ -293,7 +340,14 @@ def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
 def parse_engine_metrics(
     text: str, model: str | None = None, *, ttft: bool = True
 ) -> EngineMetrics:
-    """Parse one /metrics page into per-pod load signals.
+    """`parse_engine_page` without the repair warning."""
+    return parse_engine_page(text, model, ttft=ttft)[0]
+
+
+def parse_engine_page(
+    text: str, model: str | None = None, *, ttft: bool = True
+) -> tuple[EngineMetrics, str]:
+    """Parse one /metrics page into per-pod load signals and a repair warning ("" if none).
 
     `model` is what discovery expects the pod to serve. It does not filter anything: load is a
     property of the whole pod (all its models share the GPUs), and a pod that reports other
@@ -305,7 +359,7 @@ def parse_engine_metrics(
 
     * running/waiting: see `_count`; series with NaN/Inf are skipped, the rest are summed. If
       only one of the two has a usable value the other counts as 0 (some builds export only
-      one); if neither has, `NoKnownMetricsError` (the pod must not look idle).
+      one); if neither has, `NoUsableValuesError` (the pod must not look idle).
     * KV use: see `_fraction`; averaged over the engines that report it, else None.
     * Prefix hit rate: sum(hits)/sum(queries) over the counters (cumulative since start),
       None if no queries yet; else a hit-rate gauge (see `_rate`), averaged.
@@ -314,6 +368,11 @@ def parse_engine_metrics(
 
     `_created` samples are never selected. Raises `MetricsParseError` for a kept line the
     parser rejects, `NoKnownMetricsError` when no known running/waiting family is present.
+
+    The warning names every repair above that points at a broken exporter: negative
+    running/waiting/KV clamped to 0, NaN/Inf or negative series skipped, a bad TTFT bucket.
+    Not warned: KV > 1 (a documented transient) and a negative hit-rate gauge (V0's "prefix
+    caching off"). E.g. "negative vllm:num_requests_waiting clamped to 0 (2 series)".
 
     `ttft=False` skips the TTFT histogram (`ttft_p90_s` is then None). Its bucket lines are
     ~80% of the parse cost: for a 2-engine vLLM 0.10 page (840 lines) ~0.9 ms with TTFT,
@@ -332,6 +391,7 @@ def parse_engine_metrics(
         raise _parse_error(text, sel, e) from e
 
     roles = sel.roles
+    repairs: _Repairs | None = None
     running = waiting = 0.0
     have_running = have_waiting = False
     kv: list[float] = []
@@ -355,8 +415,12 @@ def parse_engine_metrics(
         if role in (_RUNNING, _WAITING):
             engines.add(labels.get("engine", labels.get("dp_rank", "")))
             c = _count(v)
-            if c is None:
-                continue
+            if c is None or v < 0.0:
+                repairs = repairs or _Repairs()
+                if c is None:
+                    repairs.add(f"{_kind(v)} {{}} skipped", s.name)
+                    continue
+                repairs.add("negative {} clamped to 0", s.name)
             if role == _RUNNING:
                 running += c
                 have_running = True
@@ -367,31 +431,48 @@ def parse_engine_metrics(
             f = _fraction(v)
             if f is not None:
                 kv.append(f)
-        elif role == _HITS:
+                if v < 0.0:  # > 1 is a documented transient ("full"), not a broken exporter
+                    repairs = repairs or _Repairs()
+                    repairs.add("negative {} clamped to 0", s.name)
+            else:
+                repairs = repairs or _Repairs()
+                repairs.add(f"{_kind(v)} {{}} skipped", s.name)
+        elif role in (_HITS, _QUERIES):
             if math.isfinite(v) and v >= 0.0:
-                hits += v
-        elif role == _QUERIES:
-            if math.isfinite(v) and v >= 0.0:
-                queries += v
-                have_queries = True
+                if role == _HITS:
+                    hits += v
+                else:
+                    queries += v
+                    have_queries = True
+            else:
+                repairs = repairs or _Repairs()
+                bad = _kind(v) if not math.isfinite(v) else "negative"
+                repairs.add(f"{bad} {{}} skipped", s.name)
         elif role == _HIT_RATE:
             r = _rate(v)
             if r is not None:
                 gauge_rates.append(r)
+            elif not math.isfinite(v):  # negative = "prefix caching off" (V0), not a repair
+                repairs = repairs or _Repairs()
+                repairs.add(f"{_kind(v)} {{}} skipped", s.name)
         else:  # _TTFT
             try:
                 le = float(labels["le"])
             except (KeyError, ValueError):
-                buckets_ok = False
-                continue
+                le = math.nan
             if not math.isfinite(v) or v < 0.0 or math.isnan(le):
+                if buckets_ok:
+                    repairs = repairs or _Repairs()
+                    repairs.add("bad {} (NaN/negative count or le): no TTFT p90", s.name)
                 buckets_ok = False
                 continue
             buckets[le] = buckets.get(le, 0.0) + v
 
     if not (have_running or have_waiting):
-        raise NoKnownMetricsError(
-            f"no usable {sel.dialect.engine} running/waiting values (NaN or Inf)"
+        d = sel.dialect
+        raise NoUsableValuesError(
+            f"no usable {d.engine} running/waiting values: every {d.running} / {d.waiting} "
+            "series is NaN or Inf"
         )
 
     hit_rate: float | None = None
@@ -404,7 +485,7 @@ def parse_engine_metrics(
     if engine == "vllm" and not (_VLLM_V1_ONLY & roles.keys()) and _VLLM_V0_ONLY & roles.keys():
         engine = "vllm-v0"
 
-    return EngineMetrics(
+    metrics = EngineMetrics(
         running=running,
         waiting=waiting,
         kv_cache_usage=sum(kv) / len(kv) if kv else None,
@@ -414,3 +495,4 @@ def parse_engine_metrics(
         models=frozenset(models),
         num_engines=max(1, len(engines)),
     )
+    return metrics, (repairs.text() if repairs is not None else "")

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from router_ext.auth import TOKEN_METADATA_KEY, load_or_create_token
 from router_ext.config import (
     EXT_PROC_SERVICE,
     REQUEST_ID_HEADER,
@@ -188,6 +189,23 @@ def _grpc_cluster(cluster: str) -> dict[str, Any]:
     return {"envoy_grpc": {"cluster_name": cluster}}
 
 
+def redacted_token(cfg: RouterConfig) -> str:
+    """What a rendering meant to be shown or committed carries instead of the secret."""
+    return f"REDACTED:{cfg.router.auth.token_file}"
+
+
+def _router_grpc_service(cfg: RouterConfig, token: str | None) -> dict[str, Any]:
+    """Envoy's gRPC client to router-ext, with the shared token when auth is on."""
+    svc = _grpc_cluster(CLUSTER_ROUTER)
+    if cfg.router.auth.mode == "token":
+        svc["initial_metadata"] = _why(
+            [{"key": TOKEN_METADATA_KEY, "value": token or redacted_token(cfg)}],
+            "router-ext refuses ext_proc and access-log streams without its token: only this "
+            "Envoy may steer routing or report pods down",
+        )
+    return svc
+
+
 def envoy_dir(cfg: RouterConfig) -> Path:
     """Default directory for the rendered envoy.yaml: `<base_dir>/run/envoy` (absolute)."""
     return Path(os.path.abspath(cfg.base_dir / ENVOY_DIR))
@@ -205,7 +223,7 @@ def eds_path(cfg: RouterConfig) -> Path:
 # --- the bootstrap ----------------------------------------------------------------------------
 
 
-def _build(cfg: RouterConfig) -> dict[str, Any]:
+def _build(cfg: RouterConfig, token: str | None = None) -> dict[str, Any]:
     env = cfg.envoy
     return {
         "node": {"id": "router-ext-envoy", "cluster": "router-ext"},
@@ -215,13 +233,29 @@ def _build(cfg: RouterConfig) -> dict[str, Any]:
             "it can change state, so bind it to loopback unless configured otherwise",
         ),
         "static_resources": {
-            "listeners": [_listener(cfg)],
+            "listeners": [_listener(cfg, token)],
             "clusters": [_pods_cluster(cfg), _router_cluster(cfg)],
+        },
+        "layered_runtime": {
+            "layers": [
+                {
+                    "name": "static",
+                    "static_layer": {
+                        "envoy.reloadable_features.ext_proc_graceful_grpc_close": _why(
+                            True,
+                            "half-close each ext_proc stream and let the router end it; by "
+                            "default Envoy resets it (RST_STREAM) right after the half-close, "
+                            "and grpc.aio leaks native memory on every reset stream (~130 B "
+                            "per request, grpc/grpc#43360; benchmarks/results/soak.md)",
+                        )
+                    },
+                }
+            ]
         },
     }
 
 
-def _listener(cfg: RouterConfig) -> dict[str, Any]:
+def _listener(cfg: RouterConfig, token: str | None) -> dict[str, Any]:
     env = cfg.envoy
     hcm = _typed(
         "envoy.filters.network.http_connection_manager",
@@ -260,9 +294,9 @@ def _listener(cfg: RouterConfig) -> dict[str, Any]:
                 "ext_proc fails open a client x-target-pod would otherwise pick the pod",
             ),
             "route_config": _route_config(cfg),
-            "http_filters": [_ext_proc_filter(cfg), _router_filter()],
+            "http_filters": [_ext_proc_filter(cfg, token), _router_filter()],
             "local_reply_config": _local_reply_config(),
-            "access_log": [_grpc_access_log(), _file_access_log(cfg)],
+            "access_log": [_grpc_access_log(cfg, token), _file_access_log(cfg)],
         },
     )
     return {
@@ -272,14 +306,14 @@ def _listener(cfg: RouterConfig) -> dict[str, Any]:
     }
 
 
-def _ext_proc_filter(cfg: RouterConfig) -> dict[str, Any]:
+def _ext_proc_filter(cfg: RouterConfig, token: str | None) -> dict[str, Any]:
     env = cfg.envoy
     return _typed(
         "envoy.filters.http.ext_proc",
         "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         {
             "grpc_service": _why(
-                _grpc_cluster(CLUSTER_ROUTER),
+                _router_grpc_service(cfg, token),
                 "Envoy's own gRPC client: the router cluster's health checks and circuit "
                 "breakers apply to ext_proc streams",
             ),
@@ -453,7 +487,7 @@ def _local_reply_config() -> _Why:
     )
 
 
-def _grpc_access_log() -> dict[str, Any]:
+def _grpc_access_log(cfg: RouterConfig, token: str | None) -> dict[str, Any]:
     return _typed(
         "envoy.access_loggers.http_grpc",
         "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
@@ -462,7 +496,7 @@ def _grpc_access_log() -> dict[str, Any]:
                 "log_name": "router-ext",
                 "transport_api_version": "V3",
                 "grpc_service": _why(
-                    _grpc_cluster(CLUSTER_ROUTER),
+                    _router_grpc_service(cfg, token),
                     "one entry per finished request (pod, status, flags, timings) streamed to "
                     "router-ext: the ext_proc stream ends before the request does",
                 ),
@@ -571,10 +605,12 @@ def _pods_cluster(cfg: RouterConfig) -> dict[str, Any]:
         ),
         "common_lb_config": {
             "healthy_panic_threshold": _why(
-                {"value": 25.0},
-                "below 25% healthy the health signal itself is suspect (bad path, timeouts "
-                "under load): spread over all pods and let retries find live ones; above it, "
-                "survivors queue the load rather than dead pods failing it",
+                {"value": 0.0},
+                "never panic: the fallback balancer only serves requests that failed open, and "
+                "in panic it spreads them over pods health checks call dead (3 of 2,000 "
+                "healthy: 345/630 failed); router-ext's own answers ignore Envoy's health "
+                "anyway, so a fleet-wide health-check fault cannot stop routing while the "
+                "router is up",
             ),
             "update_merge_window": _why(
                 "0s",
@@ -785,9 +821,12 @@ def _router_cluster(cfg: RouterConfig) -> dict[str, Any]:
     return cluster
 
 
-def render_bootstrap(cfg: RouterConfig) -> dict[str, Any]:
-    """The Envoy bootstrap as plain data (what `envoy -c` reads)."""
-    result: dict[str, Any] = _strip(_build(cfg))
+def render_bootstrap(cfg: RouterConfig, token: str | None = None) -> dict[str, Any]:
+    """The Envoy bootstrap as plain data (what `envoy -c` reads).
+
+    `token`: the router's shared token; None renders a placeholder (for display and for
+    committed files: a secret is never printed or committed by default)."""
+    result: dict[str, Any] = _strip(_build(cfg, token))
     return result
 
 
@@ -856,12 +895,12 @@ _HEADER = (
 )
 
 
-def render_bootstrap_yaml(cfg: RouterConfig) -> str:
+def render_bootstrap_yaml(cfg: RouterConfig, token: str | None = None) -> str:
     """The bootstrap as YAML with a one-line `# why` comment above every non-trivial setting.
 
-    Parses to exactly `render_bootstrap(cfg)`: the comments carry no data.
+    Parses to exactly `render_bootstrap(cfg, token)`: the comments carry no data.
     """
-    return _HEADER + "\n".join(_emit(_build(cfg), 0)) + "\n"
+    return _HEADER + "\n".join(_emit(_build(cfg, token), 0)) + "\n"
 
 
 # --- README table -----------------------------------------------------------------------------
@@ -968,7 +1007,7 @@ def render_eds(cfg: RouterConfig, pods: Sequence[Pod]) -> dict[str, Any]:
     return {"version_info": digest, "resources": [cla]}
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
     """Write via a temp file in the same directory + os.replace (Envoy reloads on the move)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -977,8 +1016,9 @@ def _atomic_write(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates 0600; Envoy may run as another user (containers sharing a volume).
-        os.chmod(tmp, 0o644)
+        # mkstemp creates 0600; the EDS file must be readable by Envoy running as another user
+        # (containers sharing a volume), while the bootstrap (it holds the token) stays 0600.
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -1005,7 +1045,10 @@ def write_envoy_files(cfg: RouterConfig, pods: Sequence[Pod], out_dir: Path) -> 
     Returns {"envoy": ..., "eds": ...}. `envoy_dir(cfg)` is the conventional out_dir.
     """
     envoy_yaml = Path(out_dir) / "envoy.yaml"
-    _atomic_write(envoy_yaml, render_bootstrap_yaml(cfg))
+    token = load_or_create_token(cfg.token_file) if cfg.router.auth.mode == "token" else None
+    # The file holds the token: readable by its owner only (Envoy runs as the same user, or
+    # the deployment sets it so; see docker-compose.yml).
+    _atomic_write(envoy_yaml, render_bootstrap_yaml(cfg, token), mode=0o600)
     eds = write_eds_file(cfg, pods)
     return {"envoy": envoy_yaml, "eds": eds}
 
@@ -1047,7 +1090,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--example",
         metavar="DIR",
         help="write DIR/envoy.yaml and DIR/eds/pods.yaml for the default config "
-        f"(base_dir {EXAMPLE_BASE_DIR}) and validate them",
+        f"(base_dir {EXAMPLE_BASE_DIR}; the token redacted)",
     )
     args = ap.parse_args(argv)
     if args.table:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -52,15 +53,30 @@ def envoy_binary() -> str:
     )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (bind port 0, read it, close).
+#: Below Linux's ephemeral range (32768-60999 here): a port handed out by bind(0) comes from
+#: that range, so after a process on it dies (a restart test), an outgoing connection can take
+#: it before the process comes back, and the restart fails with "address in use".
+_FIXED_RANGE = (20000, 32700)
 
-    Racy by nature (another process may take it before Envoy binds); good enough on loopback.
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago, outside the ephemeral range (bind, read, close).
+
+    Racy by nature (another process may take it before ours binds); on loopback, outside the
+    range outgoing connections use, that needs another test picking the same port.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    for _ in range(64):
+        port = random.randrange(*_FIXED_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # crowded: let the OS choose
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        got: int = s.getsockname()[1]
+        return got
 
 
 def _admin_from_config(config_path: Path) -> tuple[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from router_ext.config import STRATEGY_NAMES, STRATEGY_REQUEST_HEADER
@@ -23,13 +24,15 @@ class ClientError:
         ).encode()
 
 
-def unknown_strategy(name: str) -> ClientError:
+def unknown_strategy(name: str, valid: Sequence[str] = STRATEGY_NAMES) -> ClientError:
+    """400 for a profile the client may not ask for. Unknown and not-allowed profiles get the
+    same answer, naming only the allowed ones: a client learns nothing about the others."""
     shown = name if len(name) <= 64 else name[:61] + "..."
     return ClientError(
         status=400,
         message=(
             f"unknown routing strategy {shown!r} in header {STRATEGY_REQUEST_HEADER}; "
-            f"valid strategies: {', '.join(STRATEGY_NAMES)}"
+            f"valid strategies: {', '.join(valid)}"
         ),
         type="invalid_request_error",
         code="unknown_routing_strategy",

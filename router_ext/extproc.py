@@ -24,7 +24,7 @@ from router_ext.config import (
 )
 from router_ext.errors import ClientError
 from router_ext.router import NotReady, Router
-from router_ext.strategies import Decision
+from router_ext.routing import Decision, RequestContext
 
 log = logging.getLogger("router_ext.extproc")
 
@@ -104,18 +104,22 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self._spoof_logged = False
 
     def handle_request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
-        """The hot path: read two headers, route, encode. No I/O, no awaits, no locks."""
+        """The hot path: read the three headers the router uses into one RequestContext,
+        route, encode. No I/O, no awaits, no locks."""
         requested: str | None = None
         request_id = ""
+        spoofed = False
         for h in msg.headers.headers:
             k = h.key
             if k == _STRATEGY_REQ:
                 requested = (h.raw_value or h.value.encode()).decode("utf-8", "replace").strip()
             elif k == _TARGET:
+                spoofed = True
                 self._client_target_header()
             elif k == _REQ_ID:
                 request_id = (h.raw_value or h.value.encode()).decode("utf-8", "replace")
-        result = self.router.route(requested)
+        ctx = RequestContext(requested or None, request_id, spoofed)
+        result = self.router.route(ctx)
         if isinstance(result, Decision):
             return decision_response(result)
         if isinstance(result, NotReady):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from router_ext.config import RouterConfig
 from router_ext.snapshot import (
+    ROUTABLE_STATES,
     EngineMetrics,
     Pod,
     PodState,
@@ -43,6 +44,12 @@ class _PodRecord:
     consecutive_timeouts: int = 0
     unreachable: bool = False
     unreachable_why: str = ""
+    # Marked by Envoy's access log (not by our own scrape): counted for the share bound.
+    feedback_marked: bool = False
+    refuted_logged: bool = False
+    # Last scrape-failure reason / page warning logged for this pod: once per pod and text.
+    logged_failure: str = ""
+    logged_warning: str = ""
     ready_since: float | None = None
     # First metrics after turning ready: for the cold-start histogram.
     coldstart_observed: bool = False
@@ -89,6 +96,14 @@ class PodLifecycle:
         new: dict[str, _PodRecord] = {}
         for pod in pods:
             rec = self._records.get(pod.address)
+            if rec is not None and rec.pod.identity != pod.identity:
+                log.info(
+                    "pod %s (%s) replaced by %s at the same address: starting it cold",
+                    rec.pod.label,
+                    pod.address,
+                    pod.label,
+                )
+                rec = None
             if rec is None:
                 rec = _PodRecord(pod=pod)
                 # Pods known at start-up are not slow-started: a router restart must not
@@ -125,7 +140,21 @@ class PodLifecycle:
             if r.ok and r.metrics is not None:
                 if rec.unreachable:
                     log.info("pod %s re-admitted: scrape succeeded", rec.pod.label)
+                if rec.logged_failure:
+                    log.info("pod %s metrics usable again", rec.pod.label)
+                    rec.logged_failure = ""
+                if r.warning and r.warning != rec.logged_warning:
+                    rec.logged_warning = r.warning
+                    log.warning(
+                        "pod %s (%s) metrics repaired: %s (logged once per pod and text)",
+                        rec.pod.label,
+                        rec.pod.address,
+                        r.warning,
+                        extra={"pod": rec.pod.label, "reason": "metrics_repaired"},
+                    )
                 rec.unreachable = False
+                rec.feedback_marked = False
+                rec.refuted_logged = False
                 rec.consecutive_timeouts = 0
                 rec.metrics = r.metrics
                 rec.metrics_at = r.fetched_at
@@ -140,6 +169,7 @@ class PodLifecycle:
                 continue
             rec.last_error = r.error
             rec.last_reason = r.reason
+            self._log_scrape_failure(rec, r)
             if r.is_connection_failure:
                 rec.unreachable = True
                 rec.unreachable_why = f"scrape {r.reason}: {r.error}"
@@ -174,13 +204,67 @@ class PodLifecycle:
         log.log(lvl, "pod %s warm-up %s: %s", rec.pod.label, "done" if ok else "failed", detail)
         self._rederive(self.clock())
 
-    def mark_unreachable(self, address: str, why: str) -> bool:
+    def _log_scrape_failure(self, rec: _PodRecord, r: ScrapeResult) -> None:
+        """Explain a pod's unusable /metrics once per pod and reason.
+
+        Connection failures and time-outs are logged by the state change they cause
+        (-> unreachable). A pod that answers but whose page is unusable (HTTP 500, NaN only,
+        garbage, over the size cap) changes no state while it is cold: without this line an
+        operator would see a new pod that never warms up and no word why.
+        """
+        if r.is_connection_failure or r.reason == "timeout" or r.reason == rec.logged_failure:
+            return
+        rec.logged_failure = r.reason
+        log.warning(
+            "pod %s (%s) metrics unusable (%s): %s; state stays %s (logged once per pod and "
+            "reason)",
+            rec.pod.label,
+            rec.pod.address,
+            r.reason,
+            r.error,
+            rec.state.value,
+            extra={"pod": rec.pod.label, "reason": r.reason},
+        )
+
+    def can_mark_unreachable(self, address: str) -> bool:
+        rec = self._records.get(address)
+        return rec is not None and not rec.unreachable
+
+    def feedback_mark_needs_corroboration(self, address: str, max_share: float) -> bool:
+        """Would marking `address` from feedback leave no routable pod, or leave more than
+        `max_share` of the ready pods marked by feedback? Then feedback alone is not enough."""
+        ready = [r for r in self._records.values() if r.pod.ready]
+        routable_after = sum(
+            1 for r in ready if r.state in ROUTABLE_STATES and r.pod.address != address
+        )
+        if routable_after == 0:
+            return True
+        marked_after = 1 + sum(1 for r in ready if r.feedback_marked and r.unreachable)
+        return marked_after > max_share * len(ready)
+
+    def note_refuted_feedback(self, address: str, why: str, detail: str) -> None:
+        rec = self._records.get(address)
+        if rec is None or rec.refuted_logged:
+            return
+        rec.refuted_logged = True
+        log.warning(
+            "ignored Envoy feedback on pod %s (%s): %s, but %s; it stays routable (logged once "
+            "per pod until its next good scrape)",
+            rec.pod.label,
+            address,
+            why,
+            detail,
+            extra={"pod": rec.pod.label, "reason": "feedback_refuted"},
+        )
+
+    def mark_unreachable(self, address: str, why: str, *, from_feedback: bool = False) -> bool:
         """Envoy saw a connect failure/reset to this pod: take it out now, not next scrape."""
         rec = self._records.get(address)
         if rec is None or rec.unreachable:
             return False
         rec.unreachable = True
         rec.unreachable_why = why
+        rec.feedback_marked = from_feedback
         self._rederive(self.clock())
         return True
 

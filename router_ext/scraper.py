@@ -8,6 +8,11 @@ worker picks it up, so a pod queued behind a slow batch is not timed out for wai
 
 Nothing here logs per pod: every outcome, good or bad, is returned as a `ScrapeResult` with a
 short `reason`, and the lifecycle layer logs once per state change.
+
+In the router this class runs inside the scrape worker process (`router_ext.scrape_worker`),
+not on the serving loop: fetching and parsing are CPU-bound Python, and a big fleet or one
+runaway page must not delay an ext_proc answer. Bodies are capped at `max_body_bytes` while
+streaming, so a runaway page costs neither memory nor parse time.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from router_ext.config import ScrapeSection
 from router_ext.engine_metrics import (
     MetricsParseError,
     NoKnownMetricsError,
-    parse_engine_metrics,
+    NoUsableValuesError,
+    parse_engine_page,
 )
 from router_ext.snapshot import Pod, ScrapeResult
 
@@ -98,9 +104,10 @@ class Scraper:
     loop); the scraper owns that session and closes it in `close()`. The default is a session
     over `TCPConnector(limit=cfg.max_concurrency)` with keep-alive.
 
-    Parsing runs inline on the event loop: it is CPU-bound, and after the pre-filter in
-    `engine_metrics` it costs a few hundred µs per pod, less than handing it to a thread would
-    (the GIL would serialise it anyway).
+    Parsing runs inline on this object's event loop: it is CPU-bound, and after the pre-filter
+    in `engine_metrics` it costs a few hundred µs per pod, less than handing it to a thread
+    would (the GIL would serialise it anyway). That is why the router runs this loop in its
+    own process (`router_ext.scrape_worker`): there the stall is harmless.
 
     TTFT: the p90 comes from a histogram that is cumulative since the engine started, so it
     moves slowly, and its buckets are most of the parse cost (~14 µs per bucket line, ~23
@@ -163,6 +170,10 @@ class Scraper:
         covers fetch + parse; `fetched_at` is `time.monotonic()` when it finished. aiohttp
         retries a GET once when a pooled keep-alive connection turns out to be dead, so a
         restarted pod is not reported as `reset` because of a stale socket.
+
+        A body over `cfg.max_body_bytes` is `too_large`: refused on its Content-Length before
+        any byte is read, else when the streamed (decoded) body passes the cap; the
+        connection is then dropped rather than drained.
         """
         address = pod.address
         t0 = time.monotonic()
@@ -178,7 +189,10 @@ class Scraper:
                         address, t0, f"http_{resp.status}",
                         f"{address}: HTTP {resp.status} {resp.reason or ''}".rstrip(),
                     )  # fmt: skip
-                body = await resp.read()
+                body = await self._read_capped(resp)
+                if body is None:
+                    resp.close()  # do not drain a runaway body to reuse the connection
+                    return self._too_large(address, t0, resp.content_length)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -193,7 +207,9 @@ class Scraper:
         memo = self._ttft.get(address)
         want_ttft = memo is None or memo.countdown <= 0
         try:
-            metrics = parse_engine_metrics(text, pod.model or None, ttft=want_ttft)
+            metrics, warning = parse_engine_page(text, pod.model or None, ttft=want_ttft)
+        except NoUsableValuesError as e:
+            return self._fail(address, t0, "no_usable_values", f"{address}: {e}")
         except NoKnownMetricsError as e:
             return self._fail(address, t0, "no_known_metrics", f"{address}: {e}")
         except MetricsParseError as e:
@@ -211,8 +227,43 @@ class Scraper:
 
         now = time.monotonic()
         return ScrapeResult(
-            address=address, ok=True, fetched_at=now, duration_s=now - t0, metrics=metrics
+            address=address,
+            ok=True,
+            fetched_at=now,
+            duration_s=now - t0,
+            metrics=metrics,
+            warning=f"{address}: {warning}" if warning else "",
         )
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes | None:
+        """The whole body, or None as soon as it is known to exceed the cap.
+
+        Content-Length is checked first (nothing read). The body is then read chunk by chunk
+        as it arrives and counted after aiohttp's decoding, so neither a missing/false length
+        nor a compressed body (we never ask for one, a server may send one anyway) can make us
+        buffer more than the cap plus one chunk.
+        """
+        cap = self.cfg.max_body_bytes
+        length = resp.content_length
+        if length is not None and length > cap:
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await resp.content.readany():
+            size += len(chunk)
+            if size > cap:
+                return None
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _too_large(self, address: str, t0: float, length: int | None) -> ScrapeResult:
+        cap = self.cfg.max_body_bytes
+        seen = f"Content-Length {length:,}" if length is not None and length > cap else "streamed"
+        return self._fail(
+            address, t0, "too_large",
+            f"{address}: /metrics body over scrape.max_body_bytes = {cap:,} bytes ({seen}); "
+            "not read further, not parsed",
+        )  # fmt: skip
 
     @staticmethod
     def _fail(address: str, t0: float, reason: str, error: str) -> ScrapeResult:
@@ -230,7 +281,9 @@ class Scraper:
 
     async def scrape_round(self, pods: Sequence[Pod]) -> list[ScrapeResult]:
         """Scrape all pods concurrently (at most `cfg.max_concurrency` at once); results are
-        in the order of `pods`."""
+        in the order of `pods`. `pods` may be a subset of the fleet (the router scrapes
+        brand-new pods at once): the TTFT memo of pods left out is kept, only `run`'s full
+        rounds forget pods that left discovery."""
         pods = list(pods)
         results: list[ScrapeResult | None] = [None] * len(pods)
         work = iter(enumerate(pods))
@@ -243,11 +296,14 @@ class Scraper:
         n = min(self.cfg.max_concurrency, len(pods))
         if n:
             await asyncio.gather(*(worker() for _ in range(n)))
-        if len(self._ttft) > len(pods):  # forget pods that left discovery
+        return [r for r in results if r is not None]
+
+    def _forget_departed(self, pods: Sequence[Pod]) -> None:
+        """Drop the TTFT memo of pods no longer scraped (after a full round)."""
+        if len(self._ttft) > len(pods):
             live = {p.address for p in pods}
             for address in [a for a in self._ttft if a not in live]:
                 del self._ttft[address]
-        return [r for r in results if r is not None]
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -278,6 +334,7 @@ class Scraper:
             results = await self._round_unless_stopped(pods, stop)
             if results is None:
                 return
+            self._forget_departed(pods)
             try:
                 on_round(results)
             except Exception as e:

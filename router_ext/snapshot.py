@@ -36,6 +36,8 @@ class Pod:
     model: str = ""
     ready: bool = True
     draining: bool = False
+    # Discovery's unique id for this pod instance (Kubernetes: metadata.uid); optional.
+    uid: str = ""
     # "ip:port" ("[v6]:port"), formatted once: the hot path reads it on every request.
     address: str = field(init=False, compare=False, repr=False)
 
@@ -47,6 +49,13 @@ class Pod:
     def label(self) -> str:
         """Human/metric label: the discovery name if given, else the address."""
         return self.name or self.address
+
+    @property
+    def identity(self) -> str:
+        """Which pod instance this is: uid, else name, else the address. A new pod that reuses
+        an old pod's IP (a restart elsewhere, a reschedule) has another identity and must start
+        cold instead of inheriting the old pod's metrics and state."""
+        return self.uid or self.name or self.address
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +89,9 @@ class ScrapeResult:
     # "parse", "no_known_metrics", ...; with a human message in `error`.
     reason: str = ""
     error: str = ""
+    # Set on a good scrape whose page needed repair (negative gauges clamped to 0, NaN/Inf
+    # series skipped): the metrics are usable, but the operator is told once per pod and text.
+    warning: str = ""
 
     @property
     def is_connection_failure(self) -> bool:

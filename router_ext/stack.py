@@ -159,6 +159,11 @@ class Stack:
         return self.config.router.grpc.address
 
     @property
+    def router_admin(self) -> str:
+        """The admin API's own listener (status, explain)."""
+        return self.config.router.admin.address
+
+    @property
     def router_metrics_url(self) -> str:
         m = self.config.router.metrics
         return f"http://{m.host}:{m.port}/metrics"
@@ -221,6 +226,7 @@ class Stack:
             "router": {
                 "grpc": {"port": free_port()},
                 "metrics": {"port": free_port()},
+                "admin": {"port": free_port()},
                 "drain_seconds": 1.5,
             },
             "discovery": {"pods_file": str(self.pods_file), "poll_interval_s": 0.2},

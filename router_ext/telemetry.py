@@ -14,13 +14,15 @@ Pod labels only ever come from discovery (bounded), never from request input.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from router_ext.feedback import CUT_REASONS, REJECT_REASONS
 from router_ext.snapshot import PodState, ScrapeResult, Snapshot
 
 PREFIX = "router_ext"
@@ -35,6 +37,29 @@ OUTCOMES = ("picked", "degraded", "no_pod", "bad_request", "not_ready", "saturat
 #: Fallback-list length buckets (entries after the primary; config caps it at 16). A list
 #: shorter than `routing.fallbacks` means the pool is too small to fail over as configured.
 FALLBACK_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 16)
+
+#: Per-plugin cost buckets (seconds): 1 µs .. 10 ms. A scorer runs on at most
+#: routing.sample_size pods, so its cost sits at the bottom; prepare (whole pool) higher.
+PLUGIN_BUCKETS = (
+    1e-6, 2.5e-6, 5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 1e-3, 2.5e-3, 10e-3
+)  # fmt: skip
+
+
+class PluginCost:
+    """One (plugin, phase) histogram in plain numbers. The pipeline holds a reference, so an
+    observation is a bisect and three additions: no dict lookup, no lock."""
+
+    __slots__ = ("buckets", "count", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(PLUGIN_BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(PLUGIN_BUCKETS, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
 
 
 class HotPathStats:
@@ -57,6 +82,8 @@ class HotPathStats:
         self.client_target_header = 0
         self.streams_open = 0
         self.streams_total = 0
+        # (plugin, phase) -> cost; phase is prepare | filter | score | pick.
+        self.plugin_costs: dict[tuple[str, str], PluginCost] = {}
 
     def observe_latency(self, seconds: float) -> None:
         self.latency_buckets[bisect.bisect_left(DECISION_BUCKETS, seconds)] += 1
@@ -72,6 +99,48 @@ class HotPathStats:
     def count(self, strategy: str, outcome: str) -> None:
         key = (strategy, outcome)
         self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def plugin_cost(self, plugin: str, phase: str) -> PluginCost:
+        """The histogram for (plugin, phase), created on first use (at start-up: the router
+        binds every configured plugin before serving). Labels come from the registry and the
+        config, never from a request."""
+        return self.plugin_costs.setdefault((plugin, phase), PluginCost())
+
+    def forget_pods(self, present: Container[str]) -> None:
+        """Drop the per-pod series of pods no longer in discovery (called on publish): under
+        pod churn they would otherwise grow without bound."""
+        for series in (self.picks, self.cold_picks):
+            for addr in [a for a in series if a not in present]:
+                del series[addr]
+
+
+class _PodCollector(Collector):
+    """`router_ext_pod_state` and `router_ext_pod_metrics_age_seconds`, from the snapshot."""
+
+    def __init__(self, snap: Callable[[], Snapshot | None]) -> None:
+        self._snap = snap
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = GaugeMetricFamily(
+            f"{PREFIX}_pod_state",
+            "1 for the state each pod is in now (one series per pod and state).",
+            labels=["pod", "state"],
+        )
+        age = GaugeMetricFamily(
+            f"{PREFIX}_pod_metrics_age_seconds",
+            "Age of each pod's last good metrics (absent while cold).",
+            labels=["pod"],
+        )
+        snap = self._snap()
+        if snap is not None:
+            now = time.monotonic()
+            for p in snap.pods:
+                label = p.pod.label
+                state.add_metric([label, p.state.value], 1.0)
+                if p.metrics_at is not None:
+                    age.add_metric([label], max(0.0, now - p.metrics_at))
+        yield state
+        yield age
 
 
 class _HotPathCollector(Collector):
@@ -145,6 +214,20 @@ class _HotPathCollector(Collector):
             fb.append((_fmt(float(bound)), acc))
         fh.add_metric([], fb, float(s.fallback_len_sum if s.fallback_len_count else 0))
         yield fh
+        ph = HistogramMetricFamily(
+            f"{PREFIX}_plugin_duration_seconds",
+            "Time spent in each routing plugin, by phase: prepare (once per snapshot, off the "
+            "hot path), filter, score, pick (per decision).",
+            labels=["plugin", "phase"],
+        )
+        for (plugin, phase), cost in sorted(s.plugin_costs.items()):
+            acc = 0
+            pb = []
+            for bound, n in zip((*PLUGIN_BUCKETS, float("inf")), cost.buckets, strict=True):
+                acc += n
+                pb.append((_fmt(bound), acc))
+            ph.add_metric([plugin, phase], pb, cost.sum)
+        yield ph
         yield GaugeMetricFamily(
             f"{PREFIX}_ext_proc_streams_open", "ext_proc streams open now.", value=s.streams_open
         )
@@ -164,6 +247,7 @@ class Telemetry:
         self.registry = CollectorRegistry()
         self.hot = HotPathStats()
         self._pod_labels: dict[str, str] = {}
+        self._pod_labels_seen: set[str] = set()
         self.registry.register(_HotPathCollector(self.hot, lambda: self._pod_labels))
         r = self.registry
         self.scrape_duration = Histogram(
@@ -187,18 +271,13 @@ class Telemetry:
         self.pods_by_state = Gauge(
             f"{PREFIX}_pods", "Pods per lifecycle state.", ["state"], registry=r
         )
-        self.pod_state = Gauge(
-            f"{PREFIX}_pod_state",
-            "1 for the state each pod is in now (one series per pod and state).",
-            ["pod", "state"],
-            registry=r,
-        )
-        self.metrics_age = Gauge(
-            f"{PREFIX}_pod_metrics_age_seconds",
-            "Age of each pod's last good metrics (absent while cold).",
-            ["pod"],
-            registry=r,
-        )
+        # Per-pod state and metrics age are read from the current snapshot when Prometheus
+        # scrapes, not set on every publish: at 2,000 pods that was ~6,000 label updates on the
+        # serving loop per scrape round and per feedback mark. A pod that left discovery is
+        # simply absent from the next scrape.
+        self._snap: Snapshot | None = None
+        r.register(_PodCollector(lambda: self._snap))
+        self._pod_error_reasons: dict[str, set[str]] = {}
         self.state_changes = Counter(
             f"{PREFIX}_pod_state_changes",
             "Pod state transitions.",
@@ -220,11 +299,27 @@ class Telemetry:
             f"{PREFIX}_snapshot_version", "Version of the published snapshot.", registry=r
         )
         self.discovery_errors = Counter(
-            f"{PREFIX}_discovery_errors", "Pods-file loads that failed.", registry=r
+            f"{PREFIX}_discovery_errors",
+            "Discovery errors (a pods file that cannot be read or parsed), once per distinct "
+            "error: the last good pod set stays in force meanwhile.",
+            registry=r,
         )
         self.als_entries = Counter(
             f"{PREFIX}_access_log_entries",
             "Access-log entries received from Envoy.",
+            registry=r,
+        )
+        self.streams_refused = Counter(
+            f"{PREFIX}_grpc_streams_refused",
+            "gRPC streams refused for a missing or wrong token, by service.",
+            ["service"],
+            registry=r,
+        )
+        self.feedback_corroborations = Counter(
+            f"{PREFIX}_feedback_corroborations",
+            "Feedback marks the router checked with its own connect attempt before acting "
+            "(outcome: confirmed = pod down, marked; refuted = pod answered, mark ignored).",
+            ["outcome"],
             registry=r,
         )
         self.als_unreachable = Counter(
@@ -233,32 +328,64 @@ class Telemetry:
             ["pod"],
             registry=r,
         )
+        # Streams cut after their 200 went out (pod crash mid-stream): Envoy cannot retry
+        # them, so this is the only place they show. Labelled by reason only, never by pod
+        # (a per-pod label would grow with every pod that ever crashed).
+        self.streams_cut = Counter(
+            f"{PREFIX}_streams_cut",
+            "Responses whose headers reached the client but whose pod then reset or closed "
+            "the stream (Envoy access log; not retryable).",
+            ["reason"],
+            registry=r,
+        )
+        self.als_rejected = Counter(
+            f"{PREFIX}_access_log_entries_rejected",
+            "Access-log entries ignored: stale (replayed), future, or naming an unknown pod.",
+            ["reason"],
+            registry=r,
+        )
+        # Every bounded label value exists from the start at 0, so the first increase is
+        # visible to rate()/increase() and a dashboard shows 0 rather than "no data".
+        for reason in CUT_REASONS:
+            self.streams_cut.labels(reason)
+        for reason in REJECT_REASONS:
+            self.als_rejected.labels(reason)
+
+    def on_stream_cut(self, reason: str) -> None:
+        self.streams_cut.labels(reason).inc()
+
+    def on_access_log_rejected(self, reason: str) -> None:
+        self.als_rejected.labels(reason).inc()
 
     def on_snapshot(self, snap: Snapshot, counts: dict[PodState, int]) -> None:
         self._pod_labels = {p.address: p.pod.label for p in snap.pods}
         self.snapshot_version.set(snap.version)
         for st, n in counts.items():
             self.pods_by_state.labels(st.value).set(n)
-        now = time.monotonic()
-        self.metrics_age.clear()
-        self.pod_state.clear()
-        for p in snap.pods:
-            label = p.pod.label
-            if p.metrics_at is not None:
-                self.metrics_age.labels(label).set(max(0.0, now - p.metrics_at))
-            self.pod_state.labels(label, p.state.value).set(1)
+        old_labels = set(self._pod_labels_seen)
+        self._snap = snap
+        new_labels = {p.pod.label for p in snap.pods}
+        for label in new_labels - old_labels:
             # Create the per-pod counter at 0 before its first mark: Prometheus cannot see
             # the increase of a series whose first sample is already 1.
             self.als_unreachable.labels(label)
+        for label in old_labels - new_labels:
+            # The pod left discovery: drop its series, so pod churn cannot grow the label set.
+            with contextlib.suppress(KeyError):
+                self.als_unreachable.remove(label)
+            for reason in self._pod_error_reasons.pop(label, ()):
+                with contextlib.suppress(KeyError):
+                    self.scrape_errors.remove(label, reason)
+        self._pod_labels_seen = new_labels
 
     def on_scrape_round(self, results: Sequence[ScrapeResult], wall_s: float) -> None:
         self.scrape_round_duration.observe(wall_s)
         for r in results:
             self.scrape_duration.observe(r.duration_s)
             if not r.ok:
-                self.scrape_errors.labels(
-                    self._pod_labels.get(r.address, r.address), r.reason
-                ).inc()
+                label = self._pod_labels.get(r.address, r.address)
+                self.scrape_errors.labels(label, r.reason).inc()
+                self._pod_error_reasons.setdefault(label, set()).add(r.reason)
 
     def on_state_change(self, old: PodState, new: PodState) -> None:
         self.state_changes.labels(old.value, new.value).inc()

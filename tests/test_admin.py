@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.e2e, requires_envoy]
 
 
 def _stub(st: Stack) -> tuple[grpc.Channel, pb_grpc.AdminServiceStub]:
-    ch = grpc.insecure_channel(st.router_grpc)
+    ch = grpc.insecure_channel(st.router_admin)
     return ch, pb_grpc.AdminServiceStub(ch)
 
 
@@ -47,7 +47,7 @@ def _explain(st: Stack, **headers: str) -> pb.ExplainResponse:
 
 def _cli(st: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "router_ext.cli", *args, "--router", st.router_grpc],
+        [sys.executable, "-m", "router_ext.cli", *args, "--router", st.router_admin],
         capture_output=True,
         text=True,
         timeout=30,

@@ -16,7 +16,13 @@ from typing import Any
 import yaml
 
 from router_ext.config import RouterConfig, load_config
-from router_ext.envoy_config import eds_path, render_bootstrap_yaml, validate, write_eds_file
+from router_ext.envoy_config import (
+    eds_path,
+    envoy_dir,
+    render_bootstrap_yaml,
+    validate,
+    write_eds_file,
+)
 from router_ext.envoy_proc import envoy_binary
 from router_ext.snapshot import Pod
 
@@ -114,21 +120,36 @@ def test_ports_hostnames_and_paths_agree() -> None:
     assert listener["port_value"] == cfg.envoy.listener.port
     assert set(_published(s["envoy"])) == {listener["port_value"], admin["port_value"]}
 
-    # The EDS file: same path in the bootstrap, written by the router, read by Envoy, on one
-    # shared volume mounted at its directory in both containers.
+    # Envoy's bootstrap and the EDS file: rendered/written by the router into one volume
+    # mounted at the same directory in both containers; Envoy starts from that bootstrap.
     eds = eds_path(cfg)
     assert str(eds) in (DEPLOY / "envoy.yaml").read_text()
-    eds_dir = str(eds.parent)
+    out_dir = str(envoy_dir(cfg))
+    assert eds.parent.parent == envoy_dir(cfg)
     router_m, envoy_m = _mounts(s["router"]), _mounts(s["envoy"])
-    assert router_m[eds_dir] == envoy_m[eds_dir] == "eds"
-    assert envoy_m["/etc/envoy/envoy.yaml"] == "./deploy/compose/envoy.yaml"
-    assert envoy_m["/etc/envoy/envoy.yaml"].endswith("envoy.yaml")
-    assert s["envoy"]["command"][s["envoy"]["command"].index("-c") + 1] == "/etc/envoy/envoy.yaml"
+    assert router_m[out_dir] == envoy_m[out_dir] == "envoy"
+    assert s["envoy"]["command"][s["envoy"]["command"].index("-c") + 1] == out_dir + "/envoy.yaml"
 
-    # The router's config file is the one Envoy's config was rendered from.
-    conf_path = _arg(s["router"]["command"], "--config")
+    # The router container renders Envoy's config from its own config file, then serves it.
+    assert s["router"]["entrypoint"] == ["sh", "-c"]
+    script = s["router"]["command"][0].split()
+    render, serve = script[: script.index("&&")], script[script.index("&&") + 1 :]
+    assert render[:2] == ["router-ext", "envoy-config"] and _arg(render, "--out") == out_dir
+    assert serve[:3] == ["exec", "router-ext", "serve"]
+    conf_path = _arg(render, "--config")
+    assert _arg(serve, "--config") == conf_path
     assert router_m[conf_path] == "./deploy/compose/router-ext.yaml"
     assert Path(conf_path).parent == cfg.base_dir
+
+    # The token: in the router's own "secrets" volume (kept across re-creates), never in a
+    # file the repository holds, and Envoy reads it only through the rendered bootstrap,
+    # which is 0600, so Envoy runs as the router's user.
+    assert cfg.router.auth.mode == "token"
+    assert router_m[str(cfg.token_file.parent)] == "secrets"
+    assert "secrets" not in envoy_m.values()
+    assert "REDACTED:" in (DEPLOY / "envoy.yaml").read_text()
+    assert s["envoy"]["user"] == "10001:10001"
+    assert "--uid 10001" in (ROOT / "Dockerfile").read_text()
 
     # Discovery: the simulator writes the pods file the router reads, via the shared volume.
     sim_cmd = s["sim"]["command"]

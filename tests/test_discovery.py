@@ -46,9 +46,39 @@ def test_parse_errors_are_clear(text: str, needle: str) -> None:
     assert "pods.yaml" in str(e.value)
 
 
-def test_empty_file_is_an_empty_pool() -> None:
-    assert parse_pods("") == ()
+@pytest.mark.parametrize("text", ["", "   \n\t\n", "# just a comment\n", "{}\n", "other: 1\n"])
+def test_empty_or_podless_file_is_a_broken_write_not_an_empty_pool(text: str) -> None:
+    # `: > pods.yaml` (a truncated or non-atomic write) once emptied a running fleet.
+    with pytest.raises(DiscoveryError, match="pods: \\[\\]"):
+        parse_pods(text)
+
+
+def test_explicitly_empty_pool_is_allowed() -> None:
     assert parse_pods("pods: []") == ()
+    assert parse_pods("pods: []\n# scaled to zero on purpose\n") == ()
+
+
+def test_truncated_file_keeps_last_good_set_and_logs_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    f = tmp_path / "pods.yaml"
+    _write(f, "pods:\n  - {address: 127.0.0.1, port: 9001}\n")
+    d = PodsFileDiscovery(f)
+    seen: list[int] = []
+    d.subscribe(lambda pods: seen.append(len(pods)))
+    assert d.check()
+    caplog.set_level(logging.ERROR)
+    f.write_text("")  # `: > pods.yaml` in place, as an operator's tool might
+    assert not d.check()
+    assert [p.port for p in d.pods] == [9001]
+    assert seen == [1]  # listeners (router, Envoy EDS writer) never saw an empty set
+    assert caplog.text.count("file is empty") == 1
+    assert "keeping last good set of 1 pods" in caplog.text
+    caplog.clear()
+    os.utime(f, ns=(5, 5))
+    d.check()
+    assert caplog.text == ""  # the same broken file again: no second line
+    assert d.check(force=True) is False and d.pods  # SIGHUP path: re-read, still kept
 
 
 def _write(path: Path, text: str) -> None:

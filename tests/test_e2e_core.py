@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -69,8 +70,40 @@ async def _close_after(session: aiohttp.ClientSession, tasks: list[asyncio.Task[
     await session.close()
 
 
-async def wait_scrapes(st: Stack, n: int = 3) -> None:
-    await asyncio.sleep(n * st.config.scrape.interval_s + 0.1)
+def metric_sum(st: Stack, name: str) -> float:
+    """Sum of every sample of the router's metric `name` (all label values)."""
+    total = 0.0
+    for line in st.router_metrics().splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def wait_metric(
+    st: Stack, name: str, ok: Callable[[float], bool], timeout: float = 10.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok(metric_sum(st, name)):
+        assert time.monotonic() < deadline, f"{name} never reached the expected value"
+        await asyncio.sleep(0.05)
+
+
+def scrape_rounds(st: Stack) -> float:
+    for line in st.router_metrics().splitlines():
+        if line.startswith("router_ext_scrape_round_duration_seconds_count"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def wait_scrapes(st: Stack, n: int = 3, timeout: float = 15.0) -> None:
+    """Until the router finished `n` scrape rounds that all started after this call (observed
+    through its own round counter, not a guess at the interval): the load a test just put on a
+    pod is then in the router's snapshot."""
+    target = scrape_rounds(st) + n + 1  # +1: a round already running when we were called
+    deadline = time.monotonic() + timeout
+    while scrape_rounds(st) < target:
+        assert time.monotonic() < deadline, f"router finished no {n} scrape rounds in {timeout}s"
+        await asyncio.sleep(0.05)
 
 
 async def test_requests_reach_the_pod_the_router_chose(make_stack) -> None:  # type: ignore[no-untyped-def]
@@ -153,16 +186,17 @@ async def test_empty_pool_is_503_with_openai_error(make_stack) -> None:  # type:
     tmp = st.pods_file.with_suffix(".tmp")
     tmp.write_text("pods: []\n")
     os.replace(tmp, st.pods_file)
-    await asyncio.sleep(st.config.discovery.poll_interval_s * 3)
+    await wait_metric(st, "router_ext_pods", lambda v: v == 0)  # the router saw the empty pool
     async with aiohttp.ClientSession() as s:
         status, _, text = await post(s, st.url)
         assert status == 503
         err = json.loads(text)["error"]
         assert err["code"] == "no_pod_available" and err["type"] == "service_unavailable"
         # A broken pods file keeps the last good (empty) set and the router keeps answering.
+        errors = metric_sum(st, "router_ext_discovery_errors_total")
         tmp.write_text("pods: [ {address: ")
         os.replace(tmp, st.pods_file)
-        await asyncio.sleep(st.config.discovery.poll_interval_s * 3)
+        await wait_metric(st, "router_ext_discovery_errors_total", lambda v: v > errors)
         assert (await post(s, st.url))[0] == 503
         tmp.write_text(good)
         os.replace(tmp, st.pods_file)

@@ -12,8 +12,10 @@ from router_ext.engine_metrics import (
     NO_KNOWN_METRICS,
     MetricsParseError,
     NoKnownMetricsError,
+    NoUsableValuesError,
     histogram_quantile,
     parse_engine_metrics,
+    parse_engine_page,
 )
 from router_ext.snapshot import EngineMetrics
 from tests.data.metrics_samples import (
@@ -354,3 +356,90 @@ def test_garbage_in_a_dropped_family_is_not_validated() -> None:
         'http_requests_total{handler="/metrics"', 'http_requests_total{handler=/metrics" ###', 1
     )
     assert parse_engine_metrics(text).running == 12
+
+
+# --- repairs are reported ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_clean_samples_need_no_repair(name: str) -> None:
+    metrics, warning = parse_engine_page(read_sample(name))
+    assert warning == ""
+    assert metrics == parse_engine_metrics(read_sample(name))
+
+
+def test_negative_counts_are_clamped_and_reported() -> None:
+    m, warning = parse_engine_page(_v1("-3", "2", wait="-1"))
+    assert (m.running, m.waiting) == (2, 0)  # the repair itself is unchanged
+    assert warning == (
+        "negative vllm:num_requests_running clamped to 0; "
+        "negative vllm:num_requests_waiting clamped to 0 (2 series)"
+    )
+
+
+def test_nan_and_inf_series_are_skipped_and_reported() -> None:
+    m, warning = parse_engine_page(_v1("NaN", "4", kv0="+Inf", kv1="0.25"))
+    assert (m.running, m.kv_cache_usage) == (4, 0.25)
+    assert warning == (
+        "NaN vllm:num_requests_running skipped; +Inf vllm:kv_cache_usage_perc skipped"
+    )
+
+
+def test_negative_kv_is_reported_but_kv_over_one_is_not() -> None:
+    assert parse_engine_page(_v1("1", "1", kv0="-0.2"))[1] == (
+        "negative vllm:kv_cache_usage_perc clamped to 0"
+    )
+    # > 1 is a documented transient (preemption / over-allocation), not a broken exporter.
+    assert parse_engine_page(_v1("1", "1", kv0="1.7"))[1] == ""
+
+
+def test_v0_hit_rate_minus_one_is_not_a_repair() -> None:
+    text = f"vllm:num_requests_running{{{M}}} 1\nvllm:gpu_prefix_cache_hit_rate{{{M}}} -1\n"
+    assert parse_engine_page(text)[1] == ""
+
+
+def test_bad_prefix_counter_is_reported() -> None:
+    text = (
+        f"vllm:num_requests_running{{{M}}} 1\n"
+        f"vllm:prefix_cache_hits_total{{{M}}} NaN\n"
+        f"vllm:prefix_cache_queries_total{{{M}}} 10\n"
+    )
+    m, warning = parse_engine_page(text)
+    assert m.prefix_cache_hit_rate == 0.0
+    assert warning == "NaN vllm:prefix_cache_hits_total skipped"
+
+
+def test_bad_ttft_bucket_is_reported_once() -> None:
+    text = f"""vllm:num_requests_running{{{M}}} 1
+vllm:time_to_first_token_seconds_bucket{{le="0.5",{M}}} NaN
+vllm:time_to_first_token_seconds_bucket{{le="1.0",{M}}} -2
+vllm:time_to_first_token_seconds_bucket{{le="+Inf",{M}}} 4
+"""
+    m, warning = parse_engine_page(text)
+    assert m.ttft_p90_s is None
+    assert warning == (
+        "bad vllm:time_to_first_token_seconds_bucket (NaN/negative count or le): no TTFT p90"
+    )
+
+
+def test_long_repair_list_is_cut_to_one_short_line() -> None:
+    lines = [f'vllm:num_requests_running{{engine="{i}",{M}}} -1' for i in range(3)]
+    lines += [f'vllm:kv_cache_usage_perc{{engine="{i}",{M}}} NaN' for i in range(3)]
+    lines += [f'vllm:prefix_cache_hits_total{{engine="{i}",{M}}} -5' for i in range(3)]
+    lines += [f'vllm:prefix_cache_queries_total{{engine="{i}",{M}}} +Inf' for i in range(3)]
+    lines += [
+        f'vllm:time_to_first_token_seconds_bucket{{engine="0",le="0.1",{M}}} NaN',
+        f'vllm:num_requests_waiting{{engine="0",{M}}} -Inf',
+    ]
+    warning = parse_engine_page("\n".join(lines) + "\n")[1]
+    assert "\n" not in warning and len(warning) <= 300
+    assert warning.startswith("negative vllm:num_requests_running clamped to 0 (3 series); ")
+
+
+def test_all_nan_is_its_own_error() -> None:
+    with pytest.raises(NoUsableValuesError, match="every vllm:num_requests_running") as ei:
+        parse_engine_metrics(_v1("NaN", "+Inf", wait="NaN"))
+    assert isinstance(ei.value, NoKnownMetricsError)  # still "the pod must not look idle"
+    with pytest.raises(NoKnownMetricsError) as ei2:
+        parse_engine_metrics("# TYPE up gauge\nup 1\n")
+    assert not isinstance(ei2.value, NoUsableValuesError)

@@ -38,6 +38,7 @@ from envoy.type.v3 import http_status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from router_ext import config as rc
+from router_ext.auth import TOKEN_METADATA_KEY
 from router_ext.config import EnvoySection, Listen, RouterConfig
 from router_ext.envoy_config import (
     CLUSTER_PODS,
@@ -280,7 +281,11 @@ KEY_SETTINGS: list[tuple[str, Callable[[dict[str, Any]], Any], Any]] = [
     (
         "ext_proc cluster",
         lambda b: _http_filter(b, "envoy.filters.http.ext_proc")["grpc_service"],
-        {"envoy_grpc": {"cluster_name": CLUSTER_ROUTER}},
+        {
+            "envoy_grpc": {"cluster_name": CLUSTER_ROUTER},
+            # A rendering for display carries a placeholder, never the secret.
+            "initial_metadata": [{"key": TOKEN_METADATA_KEY, "value": "REDACTED:run/router-token"}],
+        },
     ),
     (
         "filter order",
@@ -325,7 +330,12 @@ KEY_SETTINGS: list[tuple[str, Callable[[dict[str, Any]], Any], Any]] = [
         {
             "log_name": "router-ext",
             "transport_api_version": "V3",
-            "grpc_service": {"envoy_grpc": {"cluster_name": CLUSTER_ROUTER}},
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": CLUSTER_ROUTER},
+                "initial_metadata": [
+                    {"key": TOKEN_METADATA_KEY, "value": "REDACTED:run/router-token"}
+                ],
+            },
             "buffer_flush_interval": "0.1s",
         },
     ),
@@ -487,7 +497,27 @@ def test_write_envoy_files(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     out = write_envoy_files(cfg, [Pod("10.0.0.1", 8000)], envoy_dir(cfg))
     assert out == {"envoy": envoy_dir(cfg) / "envoy.yaml", "eds": eds_path(cfg)}
-    assert yaml.safe_load(out["envoy"].read_text()) == render_bootstrap(cfg)
+    # The deployable file carries the real token (generated on first use, 0600), the same one
+    # the router loads; nobody but the owner can read either file.
+    token = cfg.token_file.read_text().strip()
+    assert len(token) >= 32
+    assert yaml.safe_load(out["envoy"].read_text()) == render_bootstrap(cfg, token)
+    assert "REDACTED" not in out["envoy"].read_text()
+    assert out["envoy"].stat().st_mode & 0o777 == 0o600
+    assert cfg.token_file.stat().st_mode & 0o777 == 0o600
+    # Rendering again reuses the token instead of rotating it under a running router.
+    write_envoy_files(cfg, [Pod("10.0.0.1", 8000)], envoy_dir(cfg))
+    assert cfg.token_file.read_text().strip() == token
+
+
+def test_auth_none_renders_no_token(tmp_path: Path) -> None:
+    cfg = RouterConfig.model_validate(
+        {"base_dir": str(tmp_path), "router": {"auth": {"mode": "none"}}}
+    )
+    svc = _http_filter(render_bootstrap(cfg), "envoy.filters.http.ext_proc")["grpc_service"]
+    assert "initial_metadata" not in svc
+    write_envoy_files(cfg, [], envoy_dir(cfg))
+    assert not cfg.token_file.exists()
 
 
 def test_settings_table_comes_from_the_same_annotations() -> None:

@@ -20,6 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from router_ext.config import RouterConfig, RoutingSection
 from router_ext.extproc import ExtProcServicer
 from router_ext.router import Router
+from router_ext.routing import RequestContext
 from router_ext.telemetry import HotPathStats
 from tests.helpers import lifecycle, ok, pods
 
@@ -206,3 +207,25 @@ async def test_saturated_is_an_immediate_429_with_retry_after(stub_for: Any) -> 
     hs = {h.header.key: h.header.raw_value for h in imm.headers.set_headers}
     assert hs == {"content-type": b"application/json", "retry-after": b"1"}
     assert json.loads(imm.body)["error"]["type"] == "server_overloaded"
+
+
+def test_the_adapter_builds_one_request_context_from_the_headers(monkeypatch: Any) -> None:
+    router = make_router()
+    seen: list[RequestContext] = []
+    real = router.route
+
+    def spy(ctx: RequestContext) -> Any:
+        seen.append(ctx)
+        return real(ctx)
+
+    monkeypatch.setattr(router, "route", spy)
+    servicer = ExtProcServicer(router)
+    msg = headers(
+        x_routing_strategy_request=" least-kv-cache ", x_request_id="r-1", x_target_pod="6.6.6.6:1"
+    )
+    servicer.handle_request_headers(msg.request_headers)
+    servicer.handle_request_headers(headers(x_routing_strategy_request="").request_headers)
+    assert [(c.profile, c.request_id, c.client_target_pod) for c in seen] == [
+        ("least-kv-cache", "r-1", True),
+        (None, "", False),  # an empty header asks for nothing: the default profile
+    ]

@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 
 from router_ext.config import RouterConfig, RoutingSection, ScrapeSection
-from router_ext.lifecycle import RAMP_FLOOR, conservative_estimate
-from router_ext.snapshot import EngineMetrics, PodState
-from tests.helpers import fail, lifecycle, ok, pods
+from router_ext.lifecycle import RAMP_FLOOR, PodLifecycle, conservative_estimate
+from router_ext.snapshot import EngineMetrics, Pod, PodState, ScrapeResult
+from tests.helpers import FakeClock, fail, lifecycle, ok, pods
 
 
 def states(lc) -> dict[str, PodState]:  # type: ignore[no-untyped-def]
@@ -233,3 +233,98 @@ def test_warmup_is_off_by_default() -> None:
     lc.apply_discovery(ps)
     assert not lc.needs_warmup(ps[1].address)
     assert lc.build_snapshot().pods[1].state is PodState.COLD
+
+
+# --- feedback bounds and once-per-reason explanations (hostile-conditions issue) -------------
+
+
+def _warm_pool(n: int) -> tuple[PodLifecycle, FakeClock, list[Pod]]:
+    lc, clock = lifecycle()
+    ps = pods(n)
+    lc.apply_discovery(ps)
+    lc.apply_scrape([ok(p, clock.t) for p in ps])
+    return lc, clock, ps
+
+
+def test_feedback_alone_cannot_mark_more_than_the_share_or_the_last_pod() -> None:
+    lc, _clock, ps = _warm_pool(4)
+    share = 0.5
+    assert not lc.feedback_mark_needs_corroboration(ps[0].address, share)
+    assert lc.mark_unreachable(ps[0].address, "envoy: connect failure", from_feedback=True)
+    assert not lc.feedback_mark_needs_corroboration(ps[1].address, share)  # 2/4 = the share
+    assert lc.mark_unreachable(ps[1].address, "envoy: connect failure", from_feedback=True)
+    assert lc.feedback_mark_needs_corroboration(ps[2].address, share)  # 3/4 > 0.5
+
+
+def test_marking_the_last_routable_pod_always_needs_corroboration() -> None:
+    lc, _clock, ps = _warm_pool(1)
+    assert lc.feedback_mark_needs_corroboration(ps[0].address, 1.0)
+
+
+def test_scrape_marks_do_not_use_up_the_feedback_share() -> None:
+    # Pods the router itself saw refuse are facts, not feedback: a real outage of half the
+    # fleet must not make the next feedback mark wait for a probe.
+    lc, clock, ps = _warm_pool(4)
+    lc.apply_scrape([fail(ps[0], clock.t, "refused"), fail(ps[1], clock.t, "refused")])
+    assert not lc.feedback_mark_needs_corroboration(ps[2].address, 0.5)
+
+
+def test_good_scrape_clears_a_feedback_mark() -> None:
+    lc, clock, ps = _warm_pool(2)
+    lc.mark_unreachable(ps[0].address, "envoy: reset", from_feedback=True)
+    clock.advance(0.5)
+    lc.apply_scrape([ok(p, clock.t) for p in ps])
+    assert lc.build_snapshot().get(ps[0].address).state is PodState.WARM  # type: ignore[union-attr]
+    assert not lc.feedback_mark_needs_corroboration(ps[1].address, 0.5)
+
+
+def test_cold_pod_with_unusable_metrics_is_explained_once_per_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lc, clock = lifecycle()
+    ps = pods(1)
+    lc.apply_discovery(ps)
+    caplog.set_level(logging.INFO, logger="router_ext.lifecycle")
+    caplog.clear()
+    for reason in ("http_500", "http_500", "parse", "parse", "http_500"):
+        clock.advance(0.5)
+        lc.apply_scrape([fail(ps[0], clock.t, reason)])
+    lines = [r.getMessage() for r in caplog.records if "metrics unusable" in r.getMessage()]
+    assert [ln.split("(")[2].split(")")[0] for ln in lines] == ["http_500", "parse", "http_500"]
+    assert all("state stays cold" in ln for ln in lines)
+    assert lc.build_snapshot().pods[0].state is PodState.COLD
+
+
+def test_repaired_page_is_logged_once_per_pod_and_text(caplog: pytest.LogCaptureFixture) -> None:
+    lc, clock = lifecycle()
+    ps = pods(1)
+    lc.apply_discovery(ps)
+    caplog.set_level(logging.WARNING, logger="router_ext.lifecycle")
+    repaired = ScrapeResult(
+        address=ps[0].address,
+        ok=True,
+        fetched_at=clock.t,
+        duration_s=0.001,
+        metrics=EngineMetrics(running=0, waiting=0),
+        warning="negative vllm:num_requests_waiting clamped to 0",
+    )
+    for _ in range(3):
+        lc.apply_scrape([repaired])
+    assert caplog.text.count("metrics repaired: negative vllm:num_requests_waiting") == 1
+
+
+def test_new_pod_reusing_an_address_starts_cold() -> None:
+    lc, clock = lifecycle()
+    old = Pod("10.0.0.1", 8000, name="vllm-a")
+    lc.apply_discovery([old])
+    lc.apply_scrape([ok(old, clock.t, running=7)])
+    assert lc.build_snapshot().pods[0].state is PodState.WARM
+    new = Pod("10.0.0.1", 8000, name="vllm-b")  # rescheduled pod, same IP:port
+    lc.apply_discovery([new])
+    p = lc.build_snapshot().pods[0]
+    assert (p.pod.name, p.state, p.metrics) == ("vllm-b", PodState.COLD, None)
+    assert p.ramp < 1.0  # and it is slow-started like any new pod
+    same = Pod("10.0.0.1", 8000, name="vllm-b", ready=True)
+    lc.apply_scrape([ok(same, clock.t, running=1)])
+    lc.apply_discovery([same])  # the same pod listed again keeps its record
+    assert lc.build_snapshot().pods[0].state is PodState.WARM

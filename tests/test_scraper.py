@@ -494,3 +494,152 @@ def test_classify_connector_errors() -> None:
     assert classify_error(refused) == "refused"
     assert classify_error(unreachable) == "connect"
     assert classify_error(dns) == "connect"
+
+
+# --- body cap (scrape.max_body_bytes) -----------------------------------------------------------
+
+CAP = 64 * 1024
+
+
+async def test_body_over_the_cap_with_content_length_is_too_large() -> None:
+    big = PAGE * (2 * CAP // len(PAGE) + 1)  # > CAP, sent with a Content-Length
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(text=big)
+
+    scraper = Scraper(ScrapeSection(timeout_s=2.0, max_body_bytes=CAP))
+    try:
+        async with http_server(serve) as port:
+            r = await scraper.scrape_one(pod(port))
+            # The pod is not blamed beyond this scrape: a page under the cap still works.
+            ok = await Scraper(ScrapeSection(max_body_bytes=len(big.encode()))).scrape_one(
+                pod(port)
+            )
+    finally:
+        await scraper.close()
+    assert (r.ok, r.reason, r.metrics) == (False, "too_large", None), r
+    assert not r.is_connection_failure
+    assert f"127.0.0.1:{port}" in r.error
+    assert f"{CAP:,}" in r.error and "max_body_bytes" in r.error
+    assert f"Content-Length {len(big.encode()):,}" in r.error
+    assert ok.ok
+
+
+async def test_streamed_body_over_the_cap_stops_reading() -> None:
+    # No Content-Length (chunked): the cap is enforced while reading, and reading stops
+    # there: the server cannot push its whole (here 64 MiB) body through.
+    chunk = b"# filler\n" * (64 * 1024 // 9)
+    total = 1024 * len(chunk)
+    sent = 0
+    finished = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        resp = web.StreamResponse()
+        resp.content_type = "text/plain"
+        await resp.prepare(request)  # no Content-Length set: chunked transfer encoding
+        try:
+            await resp.write(PAGE.encode())
+            while sent < total:
+                await resp.write(chunk)
+                sent += len(chunk)
+        finally:
+            finished.set()
+        return resp
+
+    scraper = Scraper(ScrapeSection(timeout_s=5.0, max_body_bytes=CAP))
+    try:
+        async with http_server(stream) as port:
+            r = await scraper.scrape_one(pod(port))
+            await asyncio.wait_for(finished.wait(), timeout=5)
+    finally:
+        await scraper.close()
+    assert (r.ok, r.reason) == (False, "too_large"), r
+    assert "streamed" in r.error and f"{CAP:,}" in r.error
+    # The client hung up: the server's writes failed long before the end of the body.
+    assert sent < total // 2
+
+
+async def test_streamed_body_under_the_cap_is_parsed() -> None:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        data = PAGE.encode()
+        for i in range(0, len(data), 4096):
+            await resp.write(data[i : i + 4096])
+        return resp
+
+    scraper = Scraper(ScrapeSection(max_body_bytes=len(PAGE.encode())))
+    try:
+        async with http_server(stream) as port:
+            r = await scraper.scrape_one(pod(port))
+    finally:
+        await scraper.close()
+    assert r.ok, r
+    assert r.metrics is not None and r.metrics.running == 12
+
+
+def test_default_cap_is_far_above_a_real_page() -> None:
+    cap = ScrapeSection().max_body_bytes
+    assert cap == 4 << 20
+    assert cap > 10 * len(read_sample("vllm_v1.txt").encode())
+
+
+# --- repaired pages and distinct failure reasons -----------------------------------------------
+
+
+async def test_negative_gauge_is_repaired_and_reported(scraper: Scraper) -> None:
+    bad = PAGE.replace(
+        'vllm:num_requests_waiting{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} ',
+        'vllm:num_requests_waiting{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} -',
+        1,
+    )
+    assert bad != PAGE
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(text=bad)
+
+    async with http_server(serve) as port:
+        r = await scraper.scrape_one(pod(port))
+        clean = await scraper.scrape_one(pod(port, "x"))
+    assert r.ok and r.metrics is not None, r
+    assert r.reason == "" and r.error == ""
+    assert r.warning == (f"127.0.0.1:{port}: negative vllm:num_requests_waiting clamped to 0"), (
+        r.warning
+    )
+    assert clean.warning == r.warning  # every scrape says so; the lifecycle logs it once
+
+
+async def test_clean_page_has_no_warning(scraper: Scraper) -> None:
+    async with http_server(page_handler) as port:
+        r = await scraper.scrape_one(pod(port))
+    assert r.ok and r.warning == ""
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "reason", "error_has"),
+    [
+        (500, "engine dead", "http_500", "HTTP 500"),
+        (200, 'vllm:num_requests_running{model_name="m"} lots\n', "parse", "line 1"),
+        (
+            200,
+            "vllm:num_requests_running NaN\nvllm:num_requests_waiting +Inf\n",
+            "no_usable_values",
+            "NaN or Inf",
+        ),
+        (200, "# TYPE up gauge\nup 1\n", "no_known_metrics", "no known engine metrics"),
+        (200, "", "no_known_metrics", "no known engine metrics"),
+    ],
+    ids=["http_500", "garbage", "all_nan", "unrelated", "empty"],
+)
+async def test_unusable_pages_fail_with_distinct_reasons(
+    scraper: Scraper, status: int, body: str, reason: str, error_has: str
+) -> None:
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(status=status, text=body)
+
+    async with http_server(serve) as port:
+        r = await scraper.scrape_one(pod(port))
+    assert (r.ok, r.reason, r.metrics, r.warning) == (False, reason, None, ""), r
+    assert error_has in r.error and f"127.0.0.1:{port}" in r.error
+    assert "\n" not in r.error

@@ -690,3 +690,141 @@ async def test_cli_rejects_unknown_fault_target() -> None:
     _, err = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode == 2
     assert b"pod-7" in err
+
+
+# --- planned shutdown (SIGTERM as vLLM handles it) -------------------------------------------
+
+
+async def read_stream(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole SSE body; raises if the connection is cut before the chunked body ends."""
+    return await resp.read()
+
+
+async def refused(host: str, port: int) -> bool:
+    try:
+        _, w = await asyncio.open_connection(host, port)
+    except ConnectionRefusedError:
+        return True
+    w.close()
+    return False
+
+
+async def test_term_stops_accepting_and_finishes_inflight_streams(
+    fleet: SimFleet, http: aiohttp.ClientSession
+) -> None:
+    await fleet.start([SimPodConfig(name="pod-0", tpot_ms=5), SimPodConfig(name="pod-1")])
+    pod = fleet.pods["pod-0"]
+    async with http.get(url(fleet, "pod-0", "/health")) as r:  # leaves an idle keep-alive
+        assert r.status == 200
+    body = {"prompt": "hi", "max_tokens": 100, "stream": True}  # ~0.5 s of tokens
+    streams = [await http.post(url(fleet, "pod-0", "/v1/completions"), json=body) for _ in range(3)]
+    for s in streams:
+        assert s.status == 200
+        await s.content.readuntil(b"\n\n")  # a token arrived: in flight
+    await fleet.terminate("pod-0", grace_s=10)
+    assert pod.state == "terminating"
+    # At once: new connects refused, so /health fails like a closed uvicorn socket.
+    assert await refused(pod.host, pod.port)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await http.get(url(fleet, "pod-0", "/health"))
+    # ...while the streams already running finish, every one with its [DONE].
+    bodies = await asyncio.gather(*(read_stream(s) for s in streams))
+    assert all(b.rstrip().endswith(b"data: [DONE]") for b in bodies)
+    assert all(b.count(b"data: ") >= 100 for b in bodies)
+    for _ in range(200):  # bounded: the drain task ends right after the last response
+        if pod.state == "terminated":
+            break
+        await asyncio.sleep(0.01)
+    assert pod.state == "terminated" and pod.drained >= 3 and pod.cut_at_grace == 0
+    assert fleet.status()["pods"]["pod-0"]["in_flight"] == 0
+    # Discovery lags behind a shutdown too: the pod stays listed, as after a kill.
+    names = [e["name"] for e in yaml.safe_load(fleet.pods_file.read_text())["pods"]]  # type: ignore[union-attr]
+    assert names == ["pod-0", "pod-1"]
+    with pytest.raises(SimStateError):
+        pod.terminate(1.0)
+    await fleet.revive("pod-0")
+    async with http.post(url(fleet, "pod-0", "/v1/chat/completions"), json=CHAT) as r:
+        assert r.status == 200
+
+
+async def test_term_cuts_what_outlives_the_grace_period(
+    fleet: SimFleet, http: aiohttp.ClientSession
+) -> None:
+    await fleet.start([SimPodConfig(name="pod-0", tpot_ms=5)])
+    pod = fleet.pods["pod-0"]
+    body = {"prompt": "hi", "max_tokens": 2000, "stream": True}  # ~10 s: longer than grace
+    resp = await http.post(url(fleet, "pod-0", "/v1/completions"), json=body)
+    await resp.content.readuntil(b"\n\n")
+    t0 = time.monotonic()
+    await fleet.terminate("pod-0", grace_s=0.3)
+    with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)):
+        await read_stream(resp)
+    assert time.monotonic() - t0 < 3
+    for _ in range(200):
+        if pod.state == "terminated":
+            break
+        await asyncio.sleep(0.01)
+    assert pod.state == "terminated" and pod.cut_at_grace == 1
+
+
+async def test_term_via_control_api_and_fault_spec(
+    fleet: SimFleet, http: aiohttp.ClientSession
+) -> None:
+    assert parse_fault("term:pod-1@5") == FaultStep(5.0, "term", "pod-1", 30.0)
+    assert parse_fault("term:pod-1=2.5@5") == FaultStep(5.0, "term", "pod-1", 2.5)
+    with pytest.raises(ValueError, match="grace"):
+        parse_fault("term:pod-1=-1@5")
+    await fleet.start([SimPodConfig(name="pod-0"), SimPodConfig(name="pod-1")])
+    control = ControlServer(fleet)
+    await control.start()
+    try:
+        base = f"http://{control.address}"
+        async with http.post(f"{base}/pods/pod-1/term?grace=5") as r:
+            assert r.status == 200
+            assert (await r.json())["state"] in ("terminating", "terminated")
+        async with http.post(f"{base}/pods/pod-1/term") as r:
+            assert r.status == 409  # only an up pod can be terminated
+        async with http.post(f"{base}/pods/pod-0/term?grace=x") as r:
+            assert r.status == 400
+    finally:
+        await control.stop()
+
+
+async def test_cli_sigterm_drains_streams_then_exits(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router_ext.sim",
+        "--pods", "1", "--tpot-ms", "10", "--grace", "10",
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 15))
+        addr = ready["pods"]["pod-0"]
+        host, port = addr.rsplit(":", 1)
+        body = {"prompt": "hi", "max_tokens": 100, "stream": True}  # ~1 s of tokens
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            streams = [
+                await http.post(f"http://{addr}/v1/completions", json=body) for _ in range(2)
+            ]
+            for s in streams:
+                await s.content.readuntil(b"\n\n")
+            proc.send_signal(signal.SIGTERM)
+            for _ in range(200):  # bounded: the listener closes right after the signal
+                if await refused(host, int(port)):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail("the pod still accepts connections after SIGTERM")
+            assert proc.returncode is None  # still draining, not dead
+            bodies = await asyncio.gather(*(read_stream(s) for s in streams))
+        assert all(b.rstrip().endswith(b"data: [DONE]") for b in bodies)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+        log = (await proc.stderr.read()).decode()
+        assert "2 requests in flight" in log and "0 requests cut" in log
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

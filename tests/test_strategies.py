@@ -11,12 +11,13 @@ import pytest
 from router_ext.config import STRATEGY_NAMES, RouterConfig, RoutingSection
 from router_ext.errors import ClientError
 from router_ext.router import NotReady, Router
+from router_ext.routing import Decision, NoPodError, PoolView, RequestContext, build_profiles
 from router_ext.snapshot import PodState
-from router_ext.strategies import Decision, NoPodError, PoolView, build_strategies
 from router_ext.telemetry import HotPathStats
 from tests.helpers import fail, lifecycle, ok, pods
 
 METRIC = ("least-request", "least-kv-cache", "least-queue")
+NO_HEADERS = RequestContext()
 
 
 def snapshot_with(loads: list[tuple[float, float, float] | None], cfg: RouterConfig | None = None):  # type: ignore[no-untyped-def]
@@ -35,12 +36,12 @@ def snapshot_with(loads: list[tuple[float, float, float] | None], cfg: RouterCon
 
 
 def pick_many(name: str, snap, n: int, cfg: RoutingSection | None = None, seed: int = 1):  # type: ignore[no-untyped-def]
-    strat = build_strategies(cfg or RoutingSection())[name]
+    profile = build_profiles(cfg or RoutingSection())[name]
     rng = random.Random(seed)
     out: list[Decision] = []
     view = PoolView(snap)
     for _ in range(n):
-        out.append(strat.pick(view, rng))
+        out.append(profile.decide(NO_HEADERS, view, rng))
     return out
 
 
@@ -232,7 +233,7 @@ def _router(snap, strategy: str = "least-queue") -> Router:  # type: ignore[no-u
 
 def test_router_unknown_strategy_is_400_naming_valid_ones() -> None:
     snap, *_ = snapshot_with([(0, 0, 0.0)])
-    res = _router(snap).route("fastest")
+    res = _router(snap).route(RequestContext(profile="fastest"))
     assert isinstance(res, ClientError) and res.status == 400
     body = res.body().decode()
     for n in STRATEGY_NAMES:
@@ -244,21 +245,21 @@ def test_router_empty_pool_is_503() -> None:
     lc, _ = lifecycle()
     lc.apply_discovery([])
     lc.apply_scrape([])
-    res = _router(lc.build_snapshot()).route(None)
+    res = _router(lc.build_snapshot()).route(NO_HEADERS)
     assert isinstance(res, ClientError) and res.status == 503
 
 
 def test_router_not_ready_before_first_scrape() -> None:
     lc, _ = lifecycle()
     lc.apply_discovery(pods(2))
-    assert isinstance(_router(lc.build_snapshot()).route(None), NotReady)
+    assert isinstance(_router(lc.build_snapshot()).route(NO_HEADERS), NotReady)
 
 
 def test_router_counts_degraded_and_cold_picks() -> None:
     snap, *_ = snapshot_with([None, None])
     r = _router(snap, "least-kv-cache")
     for _ in range(10):
-        r.route(None)
+        r.route(NO_HEADERS)
     assert r.stats.decisions == {("least-kv-cache>random", "degraded"): 10}
     assert r.stats.degraded == {("least-kv-cache", "no_fresh_metrics"): 10}
     assert sum(r.stats.cold_picks.values()) == 10
@@ -278,7 +279,7 @@ def test_completions_from_envoy_do_not_loosen_slow_start() -> None:
     r = _router(lc.build_snapshot(), "random")
     new = 0
     for _ in range(400):
-        d = r.route(None)
+        d = r.route(NO_HEADERS)
         assert isinstance(d, Decision)
         new += d.pods[0].pod.name == "pod-3"
         r.completed(d.pods[0].address)  # every request finishes at once
@@ -300,15 +301,15 @@ def _saturation_router(waiting: list[float], cold: bool = False, threshold: int 
 
 
 def test_saturated_fleet_sheds_with_429() -> None:
-    res = _saturation_router([5, 9, 4]).route(None)
+    res = _saturation_router([5, 9, 4]).route(NO_HEADERS)
     assert isinstance(res, ClientError) and res.status == 429 and res.retry_after_s == 1
     assert '"code": "all_pods_saturated"' in res.body().decode()
 
 
 def test_one_pod_with_room_or_a_cold_pod_means_not_saturated() -> None:
-    assert isinstance(_saturation_router([5, 3, 9]).route(None), Decision)
-    assert isinstance(_saturation_router([5, 9], cold=True).route(None), Decision)
-    assert isinstance(_saturation_router([50, 50], threshold=0).route(None), Decision)
+    assert isinstance(_saturation_router([5, 3, 9]).route(NO_HEADERS), Decision)
+    assert isinstance(_saturation_router([5, 9], cold=True).route(NO_HEADERS), Decision)
+    assert isinstance(_saturation_router([50, 50], threshold=0).route(NO_HEADERS), Decision)
 
 
 def test_explain_reports_saturation_without_routing() -> None:
@@ -320,3 +321,13 @@ def test_explain_reports_saturation_without_routing() -> None:
     assert resp.outcome == pb.EXPLAIN_OUTCOME_SATURATED
     assert "saturated" in resp.error
     assert r.stats.decisions == {}  # explaining routed nothing
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_an_answer_of_unverified_pods_ends_with_a_warm_one(name: str) -> None:
+    # 1 warm pod among many that never answered a scrape: however the profile ranks them,
+    # Envoy's retries must reach a pod known to answer.
+    snap, *_ = snapshot_with([(5, 5, 0.5)] + [None] * 40)
+    warm = snap.pods[0].address
+    decisions = pick_many(name, snap, 200)
+    assert all(warm in d.header_value for d in decisions)

@@ -62,7 +62,8 @@ async def test_joining_pod_is_warmed_up_before_it_is_routable(tmp_path: Path) ->
     write_pods(pods_file, [pa])
     cfg = RouterConfig.model_validate(
         {
-            "router": {"grpc": {"port": free_port()}, "metrics": {"port": 0}},
+            "base_dir": str(tmp_path),
+            "router": {"grpc": {"port": free_port()}, "admin": {"port": 0}, "metrics": {"port": 0}},
             "discovery": {"pods_file": str(pods_file), "poll_interval_s": 0.05},
             "scrape": {"interval_s": 0.2},
             "warmup": {"enabled": True, "body": {"prompt": "hi", "max_tokens": 1}},
@@ -70,19 +71,32 @@ async def test_joining_pod_is_warmed_up_before_it_is_routable(tmp_path: Path) ->
     )
     app = RouterApp(cfg, write_eds=False)
     await app.start()
+    loop = asyncio.get_running_loop()
+
+    async def until(what: str, pred: Any) -> None:
+        deadline = loop.time() + 10
+        while not pred():
+            assert loop.time() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.02)
+
+    def pod_b() -> Any:
+        return next((p for p in app.router.snapshot.pods if p.pod.port == pb), None)
+
     try:
-        await asyncio.sleep(0.4)
+        await until("the first scrape round (SERVING)", lambda: app.serving)
         assert seen_a == []  # pods known at start-up are not warmed up
         write_pods(pods_file, [pa, pb])
-        await asyncio.sleep(0.15)
-        snap = app.router.snapshot
-        b = next(p for p in snap.pods if p.pod.port == pb)
-        assert b.state is PodState.NOT_READY and b not in snap.routable  # warming
-        await asyncio.sleep(0.6)
+        # The pod has the warm-up request and is still answering it (it takes 0.3 s): the
+        # router must not route to it yet.
+        await until("pod B to receive its warm-up request", lambda: seen_b)
+        b = pod_b()
+        assert b is not None
+        assert b.state is PodState.NOT_READY and b not in app.router.snapshot.routable
+        await until(
+            "pod B routable after its warm-up", lambda: pod_b() in app.router.snapshot.routable
+        )
         assert seen_b == [("/v1/completions", {"prompt": "hi", "max_tokens": 1, "model": "m"})]
-        snap = app.router.snapshot
-        b = next(p for p in snap.pods if p.pod.port == pb)
-        assert b.state in (PodState.COLD, PodState.WARM) and b in snap.routable
+        assert pod_b().state in (PodState.COLD, PodState.WARM)  # type: ignore[union-attr]
     finally:
         await app.stop()
         await ra.cleanup()

@@ -20,7 +20,7 @@ from typing import Any
 from router_ext.sim.control import ControlServer
 from router_ext.sim.faults import FaultStep, check_targets, fault_arg, run_schedule
 from router_ext.sim.fleet import SimFleet
-from router_ext.sim.podconfig import SimPodConfig
+from router_ext.sim.podconfig import DEFAULT_GRACE_S, SimPodConfig
 
 log = logging.getLogger("router_ext.sim")
 
@@ -32,6 +32,16 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers, e.g. 1,1,0.5; got {text!r}"
         ) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be >= 0, got {text!r}")
+    return v
 
 
 def _port(text: str) -> int:
@@ -84,9 +94,17 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ACTION:TARGET[=VALUE]@SECONDS",
         help="scheduled fault, repeatable: kill:pod-1@5 revive:pod-1@12 hang:pod-2@3 "
         "unhang:pod-2@8 slow:pod-0=3@2 fail5xx:pod-0=0.5@2 draining:pod-1@4 ready:pod-1=0@4 "
-        "outage:on@4 outage:off@9 add:pod-9@6 remove:pod-9@20",
+        "outage:on@4 outage:off@9 add:pod-9@6 remove:pod-9@20 term:pod-1=20@5",
     )
     g.add_argument("--seed", type=int, help="seed for every random choice (fail rates, EOS)")
+    g.add_argument(
+        "--grace",
+        type=_seconds,
+        default=DEFAULT_GRACE_S,
+        help="on SIGTERM/SIGINT, as vLLM does: stop accepting at once, let in-flight "
+        "requests (streams too) finish for up to this many seconds, then exit "
+        f"(default {DEFAULT_GRACE_S:g})",
+    )
 
 
 class _Plan:
@@ -186,7 +204,17 @@ async def _serve(args: argparse.Namespace, plan: _Plan, steps: list[FaultStep]) 
         if steps:
             schedule = asyncio.create_task(run_schedule(fleet, steps, plan.new_pod))
         await stop.wait()
-        log.info("simulator stopping")
+        # Like vLLM on SIGTERM: every pod stops accepting now (connects refused, /health
+        # fails), in-flight requests finish within --grace, then the process exits.
+        in_flight = sum(p.inflight for p in fleet.pods.values())
+        log.info(
+            "simulator stopping: not accepting; %d requests in flight, grace %gs",
+            in_flight,
+            args.grace,
+        )
+        await fleet.stop(grace_s=args.grace)
+        cut = sum(p.cut_at_grace for p in fleet.pods.values())
+        log.info("simulator stopped: %d requests cut at the grace limit", cut)
         return 0
     finally:
         if schedule is not None:
@@ -194,6 +222,6 @@ async def _serve(args: argparse.Namespace, plan: _Plan, steps: list[FaultStep]) 
             with contextlib.suppress(asyncio.CancelledError):
                 await schedule
         await control.stop()
-        await fleet.stop(grace_s=1.0)
+        await fleet.stop(grace_s=0.0)  # no-op after a graceful stop; start-up failures
         for sig in signals:
             loop.remove_signal_handler(sig)

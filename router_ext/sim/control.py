@@ -4,6 +4,7 @@ Lets a test, a demo script or a human with curl inject faults into a simulator t
 another process, without restarting it:
 
     POST   /pods/{name}/kill | revive | hang | unhang
+    POST   /pods/{name}/term?grace=30   (planned shutdown: stop accepting, drain, exit)
     POST   /pods/{name}/slow?factor=3      POST /pods/{name}/fail5xx?rate=1
     POST   /pods/{name}/draining?on=1      POST /pods/{name}/ready?on=0
     POST   /metrics-outage?on=1
@@ -25,7 +26,7 @@ from aiohttp import web
 
 from router_ext.sim.fleet import SimFleet, UnknownPodError
 from router_ext.sim.pod import SimStateError
-from router_ext.sim.podconfig import SimPodConfig
+from router_ext.sim.podconfig import DEFAULT_GRACE_S, SimPodConfig
 
 log = logging.getLogger("router_ext.sim")
 
@@ -170,6 +171,8 @@ class ControlServer:
         fleet.pod(name)  # 404 before anything else
         if action == "kill":
             await fleet.kill(name)
+        elif action == "term":
+            await fleet.terminate(name, _float_param(request, "grace", DEFAULT_GRACE_S))
         elif action == "revive":
             await fleet.revive(name)
         elif action == "hang":

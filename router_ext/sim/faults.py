@@ -6,6 +6,7 @@ in every run. Examples:
     kill:pod-1@5        revive:pod-1@12      hang:pod-2@3       unhang:pod-2@8
     slow:pod-0=3@2      fail5xx:pod-0=0.5@2  draining:pod-1@4   ready:pod-1=0@4
     outage:on@4         outage:off@9         add:pod-9@6        remove:pod-9@20
+    term:pod-1=20@5     (planned shutdown, 20 s grace; default 30 s)
 """
 
 from __future__ import annotations
@@ -18,17 +19,19 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from router_ext.sim.fleet import SimFleet
-from router_ext.sim.podconfig import SimPodConfig
+from router_ext.sim.podconfig import DEFAULT_GRACE_S, SimPodConfig
 
 log = logging.getLogger("router_ext.sim")
 
 _POD_ACTIONS = (
-    "kill", "revive", "hang", "unhang", "slow", "fail5xx", "draining", "ready", "add", "remove",
+    "kill", "term", "revive", "hang", "unhang", "slow", "fail5xx", "draining", "ready", "add",
+    "remove",
 )  # fmt: skip
 ACTIONS = (*_POD_ACTIONS, "outage")
 # Value meaning and default per action (None = the action takes no value).
 _DEFAULT_VALUE: dict[str, float | None] = {
     "kill": None,
+    "term": DEFAULT_GRACE_S,
     "revive": None,
     "hang": None,
     "unhang": None,
@@ -95,6 +98,8 @@ def parse_fault(text: str) -> FaultStep:
         raise ValueError(f"bad value {raw_value!r} in {text!r}: expected a number") from None
     if action == "slow" and not value > 0:
         raise ValueError(f"bad fault {text!r}: slow factor must be > 0")
+    if action == "term" and not 0 <= value < float("inf"):
+        raise ValueError(f"bad fault {text!r}: term grace must be seconds >= 0")
     if action == "fail5xx" and not 0 <= value <= 1:
         raise ValueError(f"bad fault {text!r}: fail5xx rate must be in 0..1")
     return FaultStep(at, action, target, value)
@@ -122,6 +127,8 @@ async def apply_step(
     a, t, v = step.action, step.target, step.value
     if a == "kill":
         await fleet.kill(t)
+    elif a == "term":
+        await fleet.terminate(t, v if v is not None else DEFAULT_GRACE_S)
     elif a == "revive":
         await fleet.revive(t)
     elif a == "hang":

@@ -105,6 +105,34 @@ class SimFleet:
         self.pod(name).kill()
         self._changed(f"pod {name} killed")
 
+    async def terminate(self, name: str, grace_s: float) -> None:
+        """Planned shutdown (SIGTERM as vLLM handles it): connects refused from now on,
+        in-flight requests finish within `grace_s`, then the pod is gone. Returns once it
+        stopped accepting; the drain goes on in the background (GET /pods shows the state).
+        The pod stays in the pods file, as after a kill: discovery lags behind shutdowns too."""
+        pod = self.pod(name)
+        in_flight = pod.inflight
+        task = pod.terminate(grace_s)
+        self._changed(
+            f"pod {name} terminating: not accepting, {in_flight} in flight, grace {grace_s:g}s"
+        )
+
+        def done(t: asyncio.Task[int]) -> None:
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if exc is not None:
+                log.error("pod %s shutdown failed: %s", name, exc)
+                return
+            log.info(
+                "pod %s terminated: %d in-flight requests finished, %d cut at the grace limit",
+                name,
+                pod.drained,
+                t.result(),
+            )
+
+        task.add_done_callback(done)
+
     async def revive(self, name: str) -> None:
         """Listen again on the same port with fresh state (metrics after metrics_delay_s)."""
         pod = self.pod(name)
@@ -167,6 +195,7 @@ class SimFleet:
                     "errors": p.errors,
                     "running": p.running,
                     "waiting": p.waiting,
+                    "in_flight": p.inflight,
                 }
                 for name, p in self.pods.items()
             },

@@ -7,6 +7,10 @@ Socket model (why it is not a plain aiohttp site):
 - kill closes every descriptor of the socket (new connects are refused) and aborts each open
   connection with an RST (SO_LINGER 0), so in-flight requests see a reset, as with kill -9.
 - revive binds the same port again (SO_REUSEADDR) with a fresh load model and fresh metrics.
+- terminate is a planned shutdown as vLLM's uvicorn does it on SIGTERM: the listening socket
+  closes (new connects are refused, so /health fails and Envoy's health check and the
+  router's scraper see it at once), idle keep-alive connections close, in-flight requests
+  (streams included) run to completion for up to a grace period, then the pod is gone.
 HTTP is served by aiohttp's low-level `web.Server` with a dict router: no per-request
 middleware or access log, which matters when one process plays a whole fleet.
 """
@@ -95,7 +99,11 @@ def _abort(transport: asyncio.Transport) -> None:
 
 
 class SimPod:
-    """A pod's lifecycle (`state`: stopped, up, hung, killed) and its HTTP API."""
+    """A pod's lifecycle and its HTTP API.
+
+    `state`: stopped, up, hung, killed, terminating (planned shutdown, draining in-flight
+    requests) and terminated (gone after a planned shutdown; revive brings it back).
+    """
 
     def __init__(self, cfg: SimPodConfig, host: str, flags: FleetFlags, rng: random.Random) -> None:
         self.cfg = dataclasses.replace(cfg)  # own copy: the port is filled in on start
@@ -123,6 +131,12 @@ class SimPod:
         self._web: web.Server | None = None
         self._held: dict[asyncio.Transport, bytearray] = {}
         self._inflight = 0  # HTTP requests being handled (graceful stop waits for these)
+        self._idle = asyncio.Event()  # set while _inflight == 0: the drain waits on it
+        self._idle.set()
+        self._drain_task: asyncio.Task[int] | None = None
+        # Last planned shutdown: requests that finished in the grace period / were cut.
+        self.drained = 0
+        self.cut_at_grace = 0
         self._headers = {SERVED_BY_HEADER: self.name}
         self._routes: dict[str, tuple[str, _Handler]] = {
             "/v1/chat/completions": ("POST", self._chat),
@@ -139,12 +153,20 @@ class SimPod:
         return f"{self.host}:{self.port}"
 
     @property
+    def _gone(self) -> bool:
+        return self.state in ("killed", "terminated")
+
+    @property
     def running(self) -> int:
-        return self.load.running if self.load is not None and self.state != "killed" else 0
+        return self.load.running if self.load is not None and not self._gone else 0
 
     @property
     def waiting(self) -> int:
-        return self.load.waiting if self.load is not None and self.state != "killed" else 0
+        return self.load.waiting if self.load is not None and not self._gone else 0
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
 
     def set_slow(self, factor: float) -> None:
         if not factor > 0:
@@ -162,7 +184,7 @@ class SimPod:
 
     async def start(self) -> None:
         """Start (or revive): fresh load model and metrics, listening on `self.port`."""
-        if self.state in ("up", "hung"):
+        if self.state in ("up", "hung", "terminating"):
             raise SimStateError(f"pod {self.name} is already {self.state}")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -205,9 +227,56 @@ class SimPod:
         self.state = "killed"
 
     async def revive(self) -> None:
-        if self.state != "killed":
-            raise SimStateError(f"pod {self.name} is {self.state}, not killed")
+        if not self._gone:
+            raise SimStateError(f"pod {self.name} is {self.state}, not killed or terminated")
         await self.start()
+
+    def terminate(self, grace_s: float) -> asyncio.Task[int]:
+        """Planned shutdown (SIGTERM to a vLLM pod): stop accepting now, let in-flight
+        requests finish within `grace_s`, then go. Returns the drain task; its result is the
+        number of requests still running at the deadline (cut, as when the kubelet SIGKILLs
+        a pod whose grace period ran out)."""
+        if self.state != "up":
+            raise SimStateError(f"pod {self.name} is {self.state}, not up")
+        if not grace_s >= 0:
+            raise ValueError("grace must be >= 0 seconds")
+        self.state = "terminating"
+        self._stop_accepting()
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_close(grace_s))
+        return self._drain_task
+
+    async def _drain_then_close(self, grace_s: float) -> int:
+        started = self._inflight
+        cut = await self._drain(grace_s)
+        self.drained, self.cut_at_grace = max(0, started - cut), cut
+        if self.load is not None:
+            self.load.close()
+        if self.state == "terminating":  # stop() may have overtaken us
+            self.state = "terminated"
+        return cut
+
+    def _stop_accepting(self) -> None:
+        self._close_listeners()
+        if self._web is not None:
+            # Idle keep-alive connections close now, busy ones right after their response
+            # (aiohttp's own shutdown also waits on idle connections, which would make every
+            # stop take the whole grace period).
+            self._web.pre_shutdown()
+
+    async def _drain(self, grace_s: float) -> int:
+        """Wait up to `grace_s` for in-flight requests; then close what is left. Returns how
+        many requests were still in flight at the deadline (their connections get an RST)."""
+        if grace_s > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace_s)
+        cut = self._inflight
+        if cut:
+            self._abort_connections()
+        else:
+            # Nothing in flight: close with FIN. An RST here could discard the tail of a
+            # response still in the socket buffers, i.e. cut the stream we just let finish.
+            self._close_connections()
+        return cut
 
     async def hang(self) -> None:
         """Keep the port open but answer nothing, on new and on existing connections."""
@@ -251,20 +320,22 @@ class SimPod:
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Shut down; with `grace_s` in-flight requests may finish first (like SIGTERM)."""
-        if self.state not in ("up", "hung"):
+        if self.state == "terminating" and self._drain_task is not None:
+            # A planned shutdown is already draining: wait for it, within this grace.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._drain_task), grace_s)
+        if self.state not in ("up", "hung", "terminating"):
             self.state = "stopped"
             return
-        was_hung = self.state == "hung"
-        self._close_listeners()
-        if grace_s > 0 and not was_hung and self._web is not None:
-            # Idle keep-alive connections close now, busy ones after their response; only
-            # in-flight requests are waited for (aiohttp's own shutdown also waits on idle
-            # connections, which would make every stop take the whole grace period).
-            self._web.pre_shutdown()
-            deadline = time.monotonic() + grace_s
-            while self._inflight and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-        self._abort_connections()
+        # A hung pod answers nothing, so there is nothing to wait for; a terminating one has
+        # had its grace above.
+        no_wait = self.state in ("hung", "terminating")
+        if self._drain_task is not None and not self._drain_task.done():
+            self._drain_task.cancel()
+        self._stop_accepting()
+        cut = await self._drain(0.0 if no_wait else grace_s)
+        if cut and grace_s > 0:
+            self.cut_at_grace = cut
         if self.load is not None:
             self.load.close()
         self.state = "stopped"
@@ -288,6 +359,13 @@ class SimPod:
         held, self._held = self._held, {}
         for t in held:
             _abort(t)
+
+    def _close_connections(self) -> None:
+        for t in self._connections():
+            t.close()
+        held, self._held = self._held, {}
+        for t in held:
+            _abort(t)  # held by a hung server: it never answered, a reset is what it gets
 
     # --- HTTP ---------------------------------------------------------------------------------
 
@@ -315,10 +393,13 @@ class SimPod:
         if request.method != method:
             return self._json({"detail": "Method Not Allowed"}, 405)
         self._inflight += 1
+        self._idle.clear()
         try:
             return await handler(request)
         finally:
             self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
 
     async def _health(self, request: web.BaseRequest) -> web.StreamResponse:
         return web.Response(status=200 if self.ready else 503, headers=self._headers)

@@ -12,6 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+#: Planned-shutdown grace period when none is given (SIGTERM, `term` fault/control action):
+#: Kubernetes' default terminationGracePeriodSeconds, after which the kubelet SIGKILLs. uvicorn
+#: itself (vLLM's server) waits for in-flight requests without a limit.
+DEFAULT_GRACE_S = 30.0
+
 # Names end up in URLs (control API), YAML (pods file) and Prometheus labels: keep them plain.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
