@@ -42,11 +42,11 @@ fmt: setup
 
 ## generate: every generated file (each has a test that fails when it is stale)
 generate: setup
-	$(PY) -m router_ext.envoy_config --example envoy
+	$(PY) -m router_ext.envoy_adapter.envoy_config --example envoy
 	$(BIN)/router-ext envoy-config -c deploy/compose/router-ext.yaml --stdout > deploy/compose/envoy.yaml
 	$(PY) grafana/generate.py
 	bash scripts/gen-proto.sh
-	$(PY) -m router_ext.docs
+	$(PY) -m router_ext.harness.docs
 
 ## bench: overhead, decision cost, scrape cost and routing quality (results in benchmarks/results)
 bench: setup tools

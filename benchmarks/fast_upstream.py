@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from router_ext.envoy_proc import EnvoyProcess
+from router_ext.harness.envoy_proc import EnvoyProcess
 from tests.data.metrics_samples import vllm_v1_page
 
 #: A small chat-completion-shaped reply (what a non-streaming request gets back).

@@ -2,7 +2,7 @@
 
     python -m benchmarks.minimal_extproc --port 50099 --target 127.0.0.2:18000
 
-Same transport as router-ext (grpc.aio, the server options of router_ext/server.py, a
+Same transport as router-ext (grpc.aio, the server options of router_ext/app/server.py, a
 grpc.health.v1 service reporting SERVING so Envoy's router-cluster health check passes), but
 no routing at all: one prebuilt response object is yielded per message. Whatever router-ext
 costs above this is our own code; whatever this costs is grpc.aio + protobuf + Envoy's
@@ -64,7 +64,7 @@ class MinimalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
 async def serve(host: str, port: int, target: str) -> None:
     server = grpc.aio.server(
-        options=[  # identical to router_ext/server.py
+        options=[  # identical to router_ext/app/server.py
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ("grpc.so_reuseport", 0),

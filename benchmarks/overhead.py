@@ -5,7 +5,8 @@
 Configurations, all in front of the same fast upstream (benchmarks/fast_upstream.py: an Envoy
 direct_response on 16 loopback addresses, so the upstream is never the bottleneck):
 
-- (a) Envoy alone: router-ext's own rendered bootstrap (router_ext.envoy_config) with the
+- (a) Envoy alone: router-ext's own rendered bootstrap
+  (router_ext.envoy_adapter.envoy_config) with the
   ext_proc filter, the gRPC access log and the router cluster removed; the pods cluster's
   fallback policy (least request) picks the pod.
 - (b) Envoy + benchmarks/minimal_extproc.py: answers a fixed x-target-pod; the floor for any
@@ -54,9 +55,15 @@ from benchmarks.common import (
 from benchmarks.fast_upstream import FastUpstream, pod_hosts
 from benchmarks.peer_vllm_router import PeerUnavailable, start_peer
 from router_ext.config import RouterConfig, load_config
-from router_ext.discovery import parse_pods
-from router_ext.envoy_config import CLUSTER_PODS, CLUSTER_ROUTER, render_bootstrap, write_eds_file
-from router_ext.envoy_proc import EnvoyProcess, free_port
+from router_ext.envoy_adapter.auth import load_or_create_token
+from router_ext.envoy_adapter.envoy_config import (
+    CLUSTER_PODS,
+    CLUSTER_ROUTER,
+    render_bootstrap,
+    write_eds_file,
+)
+from router_ext.fleet.discovery import parse_pods
+from router_ext.harness.envoy_proc import EnvoyProcess, free_port
 
 PODS = 16
 CONCURRENCIES = (1, 32)
@@ -80,9 +87,14 @@ class Target:
     cpu_us: dict[int, list[float]] = field(default_factory=dict)
 
 
-def _router_cfg(workdir: Path, pods_file: Path, router_port: int) -> Path:
+def _router_cfg(workdir: Path, pods_file: Path, router_port: int, legacy: bool = False) -> Path:
+    """`legacy`: a config the pre-framework router (the (f) copy) accepts: no admin listener of
+    its own (its admin API shared the gRPC port) and no auth section (it ignores the token)."""
+    router: dict[str, Any] = {"grpc": {"port": router_port}, "metrics": {"port": free_port()}}
+    if not legacy:
+        router["admin"] = {"port": free_port()}  # several routers run at once here
     raw = {
-        "router": {"grpc": {"port": router_port}, "metrics": {"port": free_port()}},
+        "router": router,
         "discovery": {"pods_file": str(pods_file)},
         "routing": {"default_strategy": "least-request"},
         "envoy": {"listener": {"port": free_port()}, "admin": {"port": free_port()}},
@@ -172,6 +184,7 @@ def run(
         )
     )
     envoys: list[EnvoyProcess] = []
+    routed_by: dict[str, EnvoyProcess] = {}
     children: list[Child] = []
     targets: list[Target] = []
     notes: list[str] = []
@@ -181,8 +194,10 @@ def run(
             sub = workdir / key
             if key in ("a", "b", "c", "e", "f"):
                 rport = free_port()
-                cfg = load_config(_router_cfg(sub, pods_file, rport))
-                boot = render_bootstrap(cfg)
+                cfg = load_config(_router_cfg(sub, pods_file, rport, legacy=key == "f"))
+                # Envoy must carry the router's token, or every stream is refused and the
+                # benchmark would measure failing open (the probe below would catch it).
+                boot = render_bootstrap(cfg, load_or_create_token(cfg.token_file))
                 pid: int | None = None
                 if key == "a":
                     boot = _strip_extproc(boot, drop_filter=True)
@@ -211,7 +226,7 @@ def run(
                         [
                             sys.executable,
                             "-m",
-                            "router_ext.cli",
+                            "router_ext.app.cli",
                             "serve",
                             "--config",
                             str(sub / "router-ext.yaml"),
@@ -226,6 +241,7 @@ def run(
                     pid = ch.pid
                 env = _envoy_for(cfg, boot, sub)
                 envoys.append(env)
+                routed_by[key] = env
                 env.wait_ready(20)
                 wait_until(
                     lambda env=env, key=key: _pods_healthy(env, key != "a"),
@@ -270,6 +286,13 @@ def run(
                         f"p50 {res.p50_ms:.3f} ms p99 {res.p99_ms:.3f} ms errors {res.errors}",
                         flush=True,
                     )
+        # A cell in which requests failed open measured Envoy's fallback, not the router.
+        for key, env in routed_by.items():
+            if key in ("c", "e", "f"):
+                stat = "http.ingress.ext_proc.failure_mode_allowed"
+                n = float(env.stats(stat).get(stat, 0))
+                if n:
+                    raise BenchError(f"({key}): {n:.0f} requests failed open during the run")
     finally:
         for env in envoys:
             env.stop()

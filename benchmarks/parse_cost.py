@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from router_ext.config import ScrapeSection  # noqa: E402
-from router_ext.engine_metrics import parse_engine_metrics  # noqa: E402
-from router_ext.scraper import DEFAULT_TTFT_EVERY, Scraper  # noqa: E402
-from router_ext.snapshot import Pod  # noqa: E402
+from router_ext.fleet.engine_metrics import parse_engine_metrics  # noqa: E402
+from router_ext.fleet.scraper import DEFAULT_TTFT_EVERY, Scraper  # noqa: E402
+from router_ext.fleet.snapshot import Pod  # noqa: E402
 from tests.data.metrics_samples import V1_ENGINES, vllm_v1_page  # noqa: E402
 
 

@@ -10,7 +10,8 @@ rate), each with the same seed (the load generator's one rng also draws the prom
 so the arrival sequences match closely, not exactly). The peer vllm-router (its load-aware
 policies) sits in front of the same pods and is measured in the same loop.
 
-Saturation: from the sim's load model (router_ext/sim/engine.py) a request at full batch takes
+Saturation: from the sim's load model (router_ext/harness/sim/engine.py) a request at full
+batch takes
 ttft*(1.5 + prompt/2048)/speed + 64 * 2*tpot/speed; capacity = sum over pods of
 max_running / that time. It is also measured: a closed loop of max_running concurrent requests
 sent straight to a fast and a slow pod (no router) gives each pod's real throughput at full
@@ -38,9 +39,9 @@ from benchmarks.common import (
 )
 from benchmarks.peer_vllm_router import PeerUnavailable, start_peer
 from router_ext.config import STRATEGY_REQUEST_HEADER
-from router_ext.envoy_proc import free_port
-from router_ext.loadgen import LoadSpec, Result, closed_loop, open_loop, percentile
-from router_ext.stack import Stack, StackOptions
+from router_ext.harness.envoy_proc import free_port
+from router_ext.harness.loadgen import LoadSpec, Result, closed_loop, open_loop, percentile
+from router_ext.harness.stack import Stack, StackOptions
 
 SPEEDS = (1, 1, 1, 1, 1, 1, 0.4, 0.4)
 MAX_RUNNING = 8

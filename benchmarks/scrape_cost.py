@@ -10,7 +10,7 @@ on this shared machine does not inflate them:
 2. fetch + parse of a static 2-engine vLLM page served by aiohttp on 64 ports in another
    process (parse_cost.fetch_table: keep-alive, TTFT amortisation as in production);
 3. fetch + parse of a real simulated fleet: `router-ext sim --pods 200` in another process,
-   scraped by router_ext.scraper.Scraper with the router's default settings.
+   scraped by router_ext.fleet.scraper.Scraper with the router's default settings.
 
 Pods kept fresh at a 1 s interval by one core = 1 s / (CPU per pod scrape).
 """
@@ -34,8 +34,8 @@ from benchmarks.common import (
     write_result,
 )
 from router_ext.config import ScrapeSection
-from router_ext.scraper import Scraper
-from router_ext.snapshot import Pod
+from router_ext.fleet.scraper import Scraper
+from router_ext.fleet.snapshot import Pod
 
 
 async def _scrape_fleet(addresses: list[str], rounds: int) -> tuple[float, float, int, float]:
@@ -66,7 +66,7 @@ def fleet_table(pods: int, rounds: int) -> tuple[str, float]:
         [
             sys.executable,
             "-m",
-            "router_ext.cli",
+            "router_ext.app.cli",
             "sim",
             "--pods",
             str(pods),

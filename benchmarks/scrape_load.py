@@ -7,7 +7,8 @@ loopback ports with a realistic 2-engine vLLM V1 page, /health, and a small chat
 reply; optionally one more port whose /metrics is 20 MB of vLLM-named series, the page that
 cost 3.7 s of parsing per scrape in the issue). For each scenario -- 10, 500 and 2,000 pods,
 and 10 pods + the 20 MB pod -- a real `router-ext serve` and a real Envoy (the production
-bootstrap from router_ext.envoy_config) are started, wrk drives POST /v1/chat/completions
+bootstrap from router_ext.envoy_adapter.envoy_config) are started, wrk drives
+POST /v1/chat/completions
 through Envoy, and a thread times grpc.health.v1 Check against the router every 50 ms. Modes,
 run back to back per scenario with a fresh router and Envoy each:
 
@@ -59,11 +60,11 @@ from benchmarks.common import (
     wait_until,
     write_result,
 )
-from router_ext.auth import load_or_create_token
 from router_ext.config import EXT_PROC_SERVICE, load_config
-from router_ext.discovery import parse_pods
-from router_ext.envoy_config import CLUSTER_PODS, render_bootstrap, write_eds_file
-from router_ext.envoy_proc import EnvoyProcess, free_port
+from router_ext.envoy_adapter.auth import load_or_create_token
+from router_ext.envoy_adapter.envoy_config import CLUSTER_PODS, render_bootstrap, write_eds_file
+from router_ext.fleet.discovery import parse_pods
+from router_ext.harness.envoy_proc import EnvoyProcess, free_port
 from tests.data.metrics_samples import vllm_v1_page
 
 BIG_BYTES = 20 << 20
@@ -312,7 +313,7 @@ def run_one(
     write_eds_file(cfg, parse_pods(pods_file.read_text(), str(pods_file)))
     router = Child(
         f"router-{mode}",
-        [sys.executable, "-m", "router_ext.cli", "serve", "--config", str(cfg_path),
+        [sys.executable, "-m", "router_ext.app.cli", "serve", "--config", str(cfg_path),
          "--log-level", "warning"],
         workdir / "router.log",
     )  # fmt: skip
@@ -385,8 +386,13 @@ def decode_cost_us(pods: int = 2000, reps: int = 30) -> tuple[float, float, int]
     (cold: metrics changed since the last round; warm: unchanged), and bytes per pod."""
     import marshal
 
-    from router_ext.scrape_worker import _MetricsCache, decode_results, encode_frame, encode_results
-    from router_ext.snapshot import EngineMetrics, ScrapeResult
+    from router_ext.fleet.scrape_worker import (
+        _MetricsCache,
+        decode_results,
+        encode_frame,
+        encode_results,
+    )
+    from router_ext.fleet.snapshot import EngineMetrics, ScrapeResult
 
     rs = [
         ScrapeResult(

@@ -3,7 +3,8 @@
     python -m benchmarks.soak [--quick] [--requests N] [--minutes M] [--ab]
 
 The real request path as in configuration (c) of benchmarks/overhead.py: `router-ext serve`
-(its production bootstrap rendered by router_ext.envoy_config: ext_proc + gRPC access log +
+(its production bootstrap rendered by router_ext.envoy_adapter.envoy_config: ext_proc +
+gRPC access log +
 gRPC health checks of the router cluster), a real Envoy, and the fast upstream
 (benchmarks/fast_upstream.py, 16 pods). wrk drives it at concurrency 16 in bounded chunks
 until `--requests` requests have completed (default 1,000,000, ~6-8 min on this machine), or
@@ -26,7 +27,7 @@ and written with the result:
 `--ab` runs the same soak a second time with Envoy's default ext_proc stream close (runtime
 flag `envoy.reloadable_features.ext_proc_graceful_grpc_close` forced false: Envoy half-closes
 and at once resets every stream) and plots both curves: the evidence for the flag
-router_ext.envoy_config sets (grpc.aio leaks native memory on every reset stream).
+router_ext.envoy_adapter.envoy_config sets (grpc.aio leaks native memory on every reset stream).
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ from benchmarks.common import (
 )
 from benchmarks.fast_upstream import FastUpstream, pod_hosts
 from benchmarks.overhead import PODS, _envoy_for, _pods_healthy, _probe, _router_cfg
-from router_ext.auth import load_or_create_token
 from router_ext.config import load_config
-from router_ext.envoy_config import CLUSTER_ROUTER, render_bootstrap
-from router_ext.envoy_proc import EnvoyProcess, free_port
+from router_ext.envoy_adapter.auth import load_or_create_token
+from router_ext.envoy_adapter.envoy_config import CLUSTER_ROUTER, render_bootstrap
+from router_ext.harness.envoy_proc import EnvoyProcess, free_port
 
 CONCURRENCY = 16
 CHUNK_S = 30.0  # one wrk run; the loop stops at the first chunk boundary past the goal
@@ -209,7 +210,7 @@ def soak(
             [
                 sys.executable,
                 "-m",
-                "router_ext.cli",
+                "router_ext.app.cli",
                 "serve",
                 "--config",
                 str(workdir / "router" / "router-ext.yaml"),
@@ -426,7 +427,8 @@ def markdown(runs: list[tuple[str, SoakResult, Verdict]], cmd: str, load_start: 
     )
     return (
         f"`{cmd}`: real `router-ext serve` + Envoy (production bootstrap from "
-        f"router_ext.envoy_config) + fast upstream ({PODS} pods), wrk `-t1 -c{CONCURRENCY}` in "
+        f"router_ext.envoy_adapter.envoy_config) + fast upstream ({PODS} pods), "
+        f"wrk `-t1 -c{CONCURRENCY}` in "
         f"{CHUNK_S:g} s chunks, POST /v1/chat/completions. Router RSS (VmRSS) sampled every "
         f"{SAMPLE_S:g} s against Envoy's completed-request count; warm-up = the first "
         f"{WARMUP_FRACTION:.0%} of requests; slopes are least squares over the samples after "

@@ -68,7 +68,7 @@ class Listen(_Strict):
 
 
 class AuthSection(_Strict):
-    """How the router knows a gRPC stream comes from our Envoy (see router_ext/auth.py)."""
+    """How the router knows a gRPC stream comes from our Envoy (envoy_adapter/auth.py)."""
 
     mode: Literal["token", "none"] = Field(
         default="token",
@@ -201,7 +201,7 @@ class ScrapeSection(_Strict):
         description=(
             "Fetch and parse on the router's own event loop (the old behaviour; unit tests "
             "and A/B benchmarks). Default false: a separate worker process "
-            "(router_ext.scrape_worker) does it, so parsing a big or slow fleet can never "
+            "(router_ext.fleet.scrape_worker) does it, so parsing a big or slow fleet can never "
             "stall the ext_proc streams or the gRPC health answers Envoy needs."
         ),
     )

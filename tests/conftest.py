@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from router_ext.envoy_proc import envoy_binary
-from router_ext.stack import Stack, StackOptions
+from router_ext.harness.envoy_proc import envoy_binary
+from router_ext.harness.stack import Stack, StackOptions
 
 
 @pytest.fixture

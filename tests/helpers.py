@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from router_ext.config import RouterConfig
-from router_ext.lifecycle import PodLifecycle
-from router_ext.snapshot import EngineMetrics, Pod, ScrapeResult
+from router_ext.fleet.lifecycle import PodLifecycle
+from router_ext.fleet.snapshot import EngineMetrics, Pod, ScrapeResult
 
 
 class FakeClock:

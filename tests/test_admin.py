@@ -20,7 +20,7 @@ import pytest
 from router_ext.api.v1 import admin_pb2 as pb
 from router_ext.api.v1 import admin_pb2_grpc as pb_grpc
 from router_ext.config import STRATEGY_REQUEST_HEADER, TARGET_POD_HEADER
-from router_ext.stack import Stack
+from router_ext.harness.stack import Stack
 from tests.conftest import requires_envoy
 from tests.test_e2e_core import load_pod, post, wait_scrapes
 
@@ -47,7 +47,7 @@ def _explain(st: Stack, **headers: str) -> pb.ExplainResponse:
 
 def _cli(st: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "router_ext.cli", *args, "--router", st.router_admin],
+        [sys.executable, "-m", "router_ext.app.cli", *args, "--router", st.router_admin],
         capture_output=True,
         text=True,
         timeout=30,

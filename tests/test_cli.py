@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from router_ext.envoy_config import validate
+from router_ext.envoy_adapter.envoy_config import validate
 from tests.conftest import requires_envoy
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "router_ext.cli", *args],
+        [sys.executable, "-m", "router_ext.app.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,

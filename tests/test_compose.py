@@ -16,15 +16,15 @@ from typing import Any
 import yaml
 
 from router_ext.config import RouterConfig, load_config
-from router_ext.envoy_config import (
+from router_ext.envoy_adapter.envoy_config import (
     eds_path,
     envoy_dir,
     render_bootstrap_yaml,
     validate,
     write_eds_file,
 )
-from router_ext.envoy_proc import envoy_binary
-from router_ext.snapshot import Pod
+from router_ext.fleet.snapshot import Pod
+from router_ext.harness.envoy_proc import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -34,8 +34,8 @@ import pytest
 import yaml
 
 from router_ext.config import STRATEGY_REQUEST_HEADER
-from router_ext.envoy_proc import free_port
-from router_ext.stack import Stack
+from router_ext.harness.envoy_proc import free_port
+from router_ext.harness.stack import Stack
 from tests.conftest import requires_envoy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from router_ext.discovery import DiscoveryError, PodsFileDiscovery, parse_pods
-from router_ext.snapshot import Pod
+from router_ext.fleet.discovery import DiscoveryError, PodsFileDiscovery, parse_pods
+from router_ext.fleet.snapshot import Pod
 
 
 def test_parse_both_address_forms() -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from router_ext import docs
+from router_ext.harness import docs
 
 
 def test_readme_generated_sections_are_fresh() -> None:
     text = docs.README.read_text()
-    assert docs.render_readme(text) == text, "README is stale: run python -m router_ext.docs"
+    assert docs.render_readme(text) == text, (
+        "README is stale: run python -m router_ext.harness.docs"
+    )
 
 
 def test_readme_opens_with_the_two_commands() -> None:

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router_ext.loadgen import LoadSpec, Result, closed_loop
-from router_ext.stack import Stack
+from router_ext.harness.loadgen import LoadSpec, Result, closed_loop
+from router_ext.harness.stack import Stack
 from tests.conftest import requires_envoy
 
 pytestmark = [pytest.mark.e2e, requires_envoy]

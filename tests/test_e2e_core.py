@@ -27,7 +27,7 @@ from router_ext.config import (
     STRATEGY_USED_HEADER,
     TARGET_POD_HEADER,
 )
-from router_ext.stack import Stack
+from router_ext.harness.stack import Stack
 from tests.conftest import requires_envoy
 
 pytestmark = [pytest.mark.e2e, requires_envoy]
@@ -217,7 +217,7 @@ def test_demo_json_acceptance(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "router_ext.cli",
+            "router_ext.app.cli",
             "demo",
             "--pods",
             "4",

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from router_ext.config import TARGET_POD_HEADER
-from router_ext.loadgen import LoadSpec, Result, closed_loop, percentile
-from router_ext.stack import Stack
+from router_ext.harness.loadgen import LoadSpec, Result, closed_loop, percentile
+from router_ext.harness.stack import Stack
 from tests.conftest import requires_envoy
 
 pytestmark = [pytest.mark.e2e, requires_envoy]
@@ -305,7 +305,7 @@ async def test_killed_pod_returns_and_gets_traffic(make_stack) -> None:  # type:
 def test_demo_with_pod_kill_json(tmp_path: Path) -> None:
     cmd = ["demo", "--pods", "4", "--duration", "20", "--kill-pod-after", "5", "--json"]
     proc = subprocess.run(
-        [sys.executable, "-m", "router_ext.cli", *cmd],
+        [sys.executable, "-m", "router_ext.app.cli", *cmd],
         capture_output=True,
         text=True,
         timeout=120,
@@ -334,7 +334,7 @@ async def test_pod_process_sigkill_under_load(make_stack, tmp_path: Path) -> Non
 
     import yaml
 
-    from router_ext.stack import ChildProcess
+    from router_ext.harness.stack import ChildProcess
 
     st = make_stack(
         pods=3,
@@ -346,7 +346,7 @@ async def test_pod_process_sigkill_under_load(make_stack, tmp_path: Path) -> Non
     solo_cmd = ["sim", "--pods", "1", "--names-prefix", "fast-", "--base-port", "0"]
     solo = ChildProcess(
         "solo",
-        [sys.executable, "-m", "router_ext.cli", *solo_cmd, "--control-port", "0"],
+        [sys.executable, "-m", "router_ext.app.cli", *solo_cmd, "--control-port", "0"],
         tmp_path / "solo.log",
         stdout_pipe=True,
     )

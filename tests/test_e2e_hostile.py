@@ -31,9 +31,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from router_ext.api.v1 import admin_pb2 as pb
 from router_ext.api.v1 import admin_pb2_grpc as pb_grpc
-from router_ext.auth import TOKEN_METADATA_KEY
-from router_ext.loadgen import LoadSpec, Result, closed_loop
-from router_ext.stack import Stack
+from router_ext.envoy_adapter.auth import TOKEN_METADATA_KEY
+from router_ext.harness.loadgen import LoadSpec, Result, closed_loop
+from router_ext.harness.stack import Stack
 from tests.conftest import requires_envoy
 
 pytestmark = [pytest.mark.e2e, requires_envoy]
@@ -229,7 +229,7 @@ def test_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
             )
         )
         proc = subprocess.run(
-            [sys.executable, "-m", "router_ext.cli", "serve", "-c", str(cfg)],
+            [sys.executable, "-m", "router_ext.app.cli", "serve", "-c", str(cfg)],
             capture_output=True,
             text=True,
             timeout=30,

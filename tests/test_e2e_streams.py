@@ -31,7 +31,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from router_ext.config import SERVED_BY_HEADER
-from router_ext.stack import ChildProcess, Stack
+from router_ext.harness.stack import ChildProcess, Stack
 from tests.conftest import requires_envoy
 
 pytestmark = [pytest.mark.e2e, requires_envoy, pytest.mark.timeout(120)]
@@ -156,7 +156,7 @@ async def entries_arrived(st: Stack, before: float, n: int) -> str:
 def start_solo(st: Stack, workdir: Path) -> ChildProcess:
     """The favoured pod in a simulator process of its own, added to the stack's pods file."""
     cmd = [
-        sys.executable, "-m", "router_ext.cli", "sim",
+        sys.executable, "-m", "router_ext.app.cli", "sim",
         "--pods", "1", "--names-prefix", "solo-", "--base-port", "0", "--control-port", "0",
         "--max-running", "16",
         "--grace", "30",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from router_ext.engine_metrics import (
+from router_ext.fleet.engine_metrics import (
     NO_KNOWN_METRICS,
     MetricsParseError,
     NoKnownMetricsError,
@@ -17,7 +17,7 @@ from router_ext.engine_metrics import (
     parse_engine_metrics,
     parse_engine_page,
 )
-from router_ext.snapshot import EngineMetrics
+from router_ext.fleet.snapshot import EngineMetrics
 from tests.data.metrics_samples import (
     DEFAULT_MODEL,
     SAMPLES,

@@ -38,9 +38,9 @@ from envoy.type.v3 import http_status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from router_ext import config as rc
-from router_ext.auth import TOKEN_METADATA_KEY
 from router_ext.config import EnvoySection, Listen, RouterConfig
-from router_ext.envoy_config import (
+from router_ext.envoy_adapter.auth import TOKEN_METADATA_KEY
+from router_ext.envoy_adapter.envoy_config import (
     CLUSTER_PODS,
     CLUSTER_ROUTER,
     EDS_RELATIVE_PATH,
@@ -57,8 +57,8 @@ from router_ext.envoy_config import (
     write_eds_file,
     write_envoy_files,
 )
-from router_ext.envoy_proc import EnvoyProcess, envoy_binary, free_port
-from router_ext.snapshot import Pod
+from router_ext.fleet.snapshot import Pod
+from router_ext.harness.envoy_proc import EnvoyProcess, envoy_binary, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -159,6 +159,20 @@ def test_commented_yaml_parses_to_exactly_the_bootstrap(tmp_path: Path, variant:
 
 # (id, accessor, expected): the values incidents and measurements taught us (BACKGROUND §4).
 KEY_SETTINGS: list[tuple[str, Callable[[dict[str, Any]], Any], Any]] = [
+    (
+        # Without it Envoy resets every ext_proc stream after its half-close and grpc.aio
+        # leaks ~120 B of native memory per request (benchmarks/results/soak.md).
+        "ext_proc streams closed gracefully",
+        lambda b: b["layered_runtime"]["layers"][0]["static_layer"][
+            "envoy.reloadable_features.ext_proc_graceful_grpc_close"
+        ],
+        True,
+    ),
+    (
+        "pods cluster never panics",
+        lambda b: _cluster(b, CLUSTER_PODS)["common_lb_config"]["healthy_panic_threshold"],
+        {"value": 0.0},
+    ),
     (
         "retry_on",
         lambda b: _route(b)["route"]["retry_policy"]["retry_on"],
@@ -539,7 +553,7 @@ def test_settings_table_comes_from_the_same_annotations() -> None:
 def test_committed_example_is_current() -> None:
     committed = (REPO / "envoy" / "envoy.yaml").read_text()
     assert committed == example_bootstrap_yaml(), (
-        "envoy/envoy.yaml is stale: python -m router_ext.envoy_config --example envoy"
+        "envoy/envoy.yaml is stale: python -m router_ext.envoy_adapter.envoy_config --example envoy"
     )
 
 

@@ -18,10 +18,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from router_ext.config import RouterConfig, RoutingSection
-from router_ext.extproc import ExtProcServicer
-from router_ext.router import Router
+from router_ext.envoy_adapter.extproc import ExtProcServicer
 from router_ext.routing import RequestContext
-from router_ext.telemetry import HotPathStats
+from router_ext.routing.router import Router
+from router_ext.routing.stats import HotPathStats
 from tests.helpers import lifecycle, ok, pods
 
 

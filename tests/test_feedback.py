@@ -10,8 +10,8 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2 as al
 from prometheus_client import generate_latest
 
-from router_ext.feedback import CUT_REASONS, FeedbackSink
-from router_ext.telemetry import Telemetry
+from router_ext.app.telemetry import Telemetry
+from router_ext.fleet.feedback import CUT_REASONS, FeedbackSink
 
 NOW = 1_800_000_000.0  # the sink's wall clock in these tests (entries are relative to it)
 
@@ -223,7 +223,7 @@ def test_replayed_entries_are_ignored_counted_and_logged_once(
         entry("10.0.0.1:80", "10.0.0.1:80", 503, started_ago_s=61, upstream_connection_failure=True)
         for _ in range(50)
     ]
-    with caplog.at_level(logging.WARNING, logger="router_ext.feedback"):
+    with caplog.at_level(logging.WARNING, logger="router_ext.fleet.feedback"):
         sink.apply(old)
         sink.apply(old)
     assert spy.marked == [] and spy.done == [] and sink.pods == {}
@@ -256,7 +256,7 @@ def test_future_entries_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
     ahead = entry(
         "10.0.0.1:80", "10.0.0.1:80", 503, started_ago_s=-30, upstream_connection_failure=True
     )
-    with caplog.at_level(logging.WARNING, logger="router_ext.feedback"):
+    with caplog.at_level(logging.WARNING, logger="router_ext.fleet.feedback"):
         sink.apply([ok, ahead, ahead])
     assert spy.marked == [] and spy.done == ["10.0.0.1:80"]
     assert sink.rejected == {"future": 2}

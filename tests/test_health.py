@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from router_ext.app.server import RouterApp
 from router_ext.config import EXT_PROC_SERVICE, RouterConfig
-from router_ext.envoy_proc import free_port
-from router_ext.server import RouterApp
+from router_ext.harness.envoy_proc import free_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

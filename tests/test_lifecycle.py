@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 
 from router_ext.config import RouterConfig, RoutingSection, ScrapeSection
-from router_ext.lifecycle import RAMP_FLOOR, PodLifecycle, conservative_estimate
-from router_ext.snapshot import EngineMetrics, Pod, PodState, ScrapeResult
+from router_ext.fleet.lifecycle import RAMP_FLOOR, PodLifecycle, conservative_estimate
+from router_ext.fleet.snapshot import EngineMetrics, Pod, PodState, ScrapeResult
 from tests.helpers import FakeClock, fail, lifecycle, ok, pods
 
 
@@ -136,7 +136,7 @@ def test_new_pod_ramp_ends_early_only_when_keeping_up() -> None:
 
 
 def test_each_state_change_logged_once(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="router_ext.lifecycle")
+    caplog.set_level(logging.INFO, logger="router_ext.fleet.lifecycle")
     lc, clk = lifecycle()
     ps = pods(1)
     lc.apply_discovery(ps)
@@ -284,7 +284,7 @@ def test_cold_pod_with_unusable_metrics_is_explained_once_per_reason(
     lc, clock = lifecycle()
     ps = pods(1)
     lc.apply_discovery(ps)
-    caplog.set_level(logging.INFO, logger="router_ext.lifecycle")
+    caplog.set_level(logging.INFO, logger="router_ext.fleet.lifecycle")
     caplog.clear()
     for reason in ("http_500", "http_500", "parse", "parse", "http_500"):
         clock.advance(0.5)
@@ -299,7 +299,7 @@ def test_repaired_page_is_logged_once_per_pod_and_text(caplog: pytest.LogCapture
     lc, clock = lifecycle()
     ps = pods(1)
     lc.apply_discovery(ps)
-    caplog.set_level(logging.WARNING, logger="router_ext.lifecycle")
+    caplog.set_level(logging.WARNING, logger="router_ext.fleet.lifecycle")
     repaired = ScrapeResult(
         address=ps[0].address,
         ok=True,

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from router_ext.logs import JsonFormatter, setup_logging
+from router_ext.app.logs import JsonFormatter, setup_logging
 from tests.helpers import fail, lifecycle, ok, pods
 
 
@@ -70,7 +70,7 @@ def test_each_state_change_is_exactly_one_json_line(
     lc.build_snapshot()  # still stale: no line
     lines = _lines(capsys.readouterr().err)
     msgs = [str(x["msg"]) for x in lines]
-    assert all(x["logger"] == "router_ext.lifecycle" for x in lines)
+    assert all(x["logger"] == "router_ext.fleet.lifecycle" for x in lines)
     assert len(lines) == 6, msgs
     assert sum("discovered: state cold" in m for m in msgs) == 2
     assert sum("state cold -> warm" in m for m in msgs) == 2

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 
 from router_ext.config import RouterConfig
-from router_ext.extproc import ExtProcServicer
-from router_ext.router import Router
+from router_ext.envoy_adapter.extproc import ExtProcServicer
+from router_ext.fleet.snapshot import PodStatus, Snapshot
 from router_ext.routing import Decision, PoolView, Prepared, RequestContext, Scorer, registry
+from router_ext.routing.router import Router
 from router_ext.routing.scorers import RequestsScorer
-from router_ext.snapshot import PodStatus, Snapshot
-from router_ext.telemetry import HotPathStats
+from router_ext.routing.stats import HotPathStats
 from tests.helpers import lifecycle, ok, pods
 from tests.test_extproc import headers, set_headers
 

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from router_ext.admin import explain
 from router_ext.api.v1 import admin_pb2 as pb
+from router_ext.app.admin import explain
+from router_ext.app.telemetry import Telemetry
 from router_ext.config import (
     STRATEGY_NAMES,
     STRATEGY_REQUEST_HEADER,
@@ -21,11 +22,11 @@ from router_ext.config import (
     RouterConfig,
     load_config,
 )
-from router_ext.errors import ClientError
-from router_ext.router import Router
+from router_ext.fleet.snapshot import Snapshot
 from router_ext.routing import Decision, RequestContext
-from router_ext.snapshot import Snapshot
-from router_ext.telemetry import HotPathStats, Telemetry
+from router_ext.routing.errors import ClientError
+from router_ext.routing.router import Router
+from router_ext.routing.stats import HotPathStats
 from tests.helpers import lifecycle, ok, pods
 
 BALANCED = {
@@ -155,7 +156,7 @@ def test_every_scorer_abstaining_degrades_visibly_and_logs_once(caplog: Any) -> 
         client_selectable=["balanced"],
     )
     r = router_for(snap_of([(1, 0, None), (2, 0, None)]), cfg)  # engines export no KV use
-    with caplog.at_level("WARNING", logger="router_ext.router"):
+    with caplog.at_level("WARNING", logger="router_ext.routing.router"):
         ds = [r.route(ask()) for _ in range(20)]
     assert {(d.used, d.degraded) for d in ds if isinstance(d, Decision)} == {
         ("kv3>random", "no_kv_metric")

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import Counter
 
 from router_ext.config import RouterConfig, RoutingSection
-from router_ext.router import Router
 from router_ext.routing import Decision, RequestContext
-from router_ext.telemetry import HotPathStats
+from router_ext.routing.router import Router
+from router_ext.routing.stats import HotPathStats
 from tests.helpers import lifecycle, ok, pods
 
 

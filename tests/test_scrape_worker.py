@@ -18,9 +18,9 @@ import pytest
 from aiohttp import web
 
 from router_ext.config import ScrapeSection
-from router_ext.scrape_worker import ScrapeProcess, make_scraper
-from router_ext.scraper import Scraper
-from router_ext.snapshot import Pod, ScrapeResult
+from router_ext.fleet.scrape_worker import ScrapeProcess, make_scraper
+from router_ext.fleet.scraper import Scraper
+from router_ext.fleet.snapshot import Pod, ScrapeResult
 from tests.data.metrics_samples import read_sample
 from tests.test_scraper import free_port, http_server, pod
 
@@ -184,7 +184,7 @@ async def test_make_scraper_honours_in_process() -> None:
 async def test_killed_worker_is_restarted_and_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="router_ext.scrape_worker")
+    caplog.set_level(logging.INFO, logger="router_ext.fleet.scrape_worker")
     async with pods_serving((200, PAGE)) as fleet:
         sp = ScrapeProcess(ScrapeSection(interval_s=0.1), restart_min_s=0.5)
         rounds = Rounds()
@@ -245,7 +245,7 @@ async def test_close_ends_the_worker() -> None:
 _PARENT = """
 import asyncio
 from router_ext.config import ScrapeSection
-from router_ext.scrape_worker import ScrapeProcess
+from router_ext.fleet.scrape_worker import ScrapeProcess
 
 async def main():
     sp = ScrapeProcess(ScrapeSection(interval_s=0.1))

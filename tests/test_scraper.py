@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 
 from router_ext.config import ScrapeSection
-from router_ext.scraper import Scraper, classify_error
-from router_ext.snapshot import Pod, ScrapeResult
+from router_ext.fleet.scraper import Scraper, classify_error
+from router_ext.fleet.snapshot import Pod, ScrapeResult
 from tests.data.metrics_samples import read_sample
 
 pytestmark = pytest.mark.timeout(20)
@@ -365,7 +365,7 @@ async def test_on_round_exception_does_not_stop_the_loop(
             stop.set()
         raise RuntimeError("callback bug")
 
-    caplog.set_level(logging.ERROR, logger="router_ext.scraper")
+    caplog.set_level(logging.ERROR, logger="router_ext.fleet.scraper")
     async with http_server(page_handler) as port:
         await _run_until(scraper, [pod(port)], on_round, stop)
     assert calls == 4

@@ -23,7 +23,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from router_ext.config import SERVED_BY_HEADER
-from router_ext.sim import (
+from router_ext.harness.sim import (
     ControlServer,
     SimFleet,
     SimPodConfig,
@@ -32,8 +32,8 @@ from router_ext.sim import (
     add_sim_arguments,
     parse_fault,
 )
-from router_ext.sim.faults import FaultStep, check_targets, run_schedule
-from router_ext.sim.metrics import observe_many
+from router_ext.harness.sim.faults import FaultStep, check_targets, run_schedule
+from router_ext.harness.sim.metrics import observe_many
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -639,7 +639,7 @@ async def test_schedule_runs_in_order(fleet: SimFleet, http: aiohttp.ClientSessi
 async def test_cli_subprocess_ready_line_faults_and_sigterm(tmp_path: Path) -> None:
     pods_file = tmp_path / "pods.yaml"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router_ext.sim",
+        sys.executable, "-m", "router_ext.harness.sim",
         "--pods", "2", "--pods-file", str(pods_file), "--seed", "1",
         "--fault", "kill:pod-1@0.3", "--fault", "add:pod-2@0.3",
         cwd=REPO,
@@ -681,7 +681,7 @@ async def test_cli_subprocess_ready_line_faults_and_sigterm(tmp_path: Path) -> N
 
 async def test_cli_rejects_unknown_fault_target() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router_ext.sim", "--pods", "1", "--fault", "kill:pod-7@1",
+        sys.executable, "-m", "router_ext.harness.sim", "--pods", "1", "--fault", "kill:pod-7@1",
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=asyncio.subprocess.PIPE,
@@ -792,7 +792,7 @@ async def test_term_via_control_api_and_fault_spec(
 
 async def test_cli_sigterm_drains_streams_then_exits(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router_ext.sim",
+        sys.executable, "-m", "router_ext.harness.sim",
         "--pods", "1", "--tpot-ms", "10", "--grace", "10",
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},

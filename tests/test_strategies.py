@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 
 from router_ext.config import STRATEGY_NAMES, RouterConfig, RoutingSection
-from router_ext.errors import ClientError
-from router_ext.router import NotReady, Router
+from router_ext.fleet.snapshot import PodState
 from router_ext.routing import Decision, NoPodError, PoolView, RequestContext, build_profiles
-from router_ext.snapshot import PodState
-from router_ext.telemetry import HotPathStats
+from router_ext.routing.errors import ClientError
+from router_ext.routing.router import NotReady, Router
+from router_ext.routing.stats import HotPathStats
 from tests.helpers import fail, lifecycle, ok, pods
 
 METRIC = ("least-request", "least-kv-cache", "least-queue")
@@ -313,8 +313,8 @@ def test_one_pod_with_room_or_a_cold_pod_means_not_saturated() -> None:
 
 
 def test_explain_reports_saturation_without_routing() -> None:
-    from router_ext.admin import explain
     from router_ext.api.v1 import admin_pb2 as pb
+    from router_ext.app.admin import explain
 
     r = _saturation_router([5, 9, 4])
     resp = explain(r, [])

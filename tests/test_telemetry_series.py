@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from router_ext.snapshot import Pod
-from router_ext.telemetry import Telemetry
+from router_ext.app.telemetry import Telemetry
+from router_ext.fleet.snapshot import Pod
 from tests.helpers import fail, lifecycle, ok, pods
 
 

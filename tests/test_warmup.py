@@ -14,10 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
+from router_ext.app.server import RouterApp
 from router_ext.config import RouterConfig
-from router_ext.envoy_proc import free_port
-from router_ext.server import RouterApp
-from router_ext.snapshot import PodState
+from router_ext.fleet.snapshot import PodState
+from router_ext.harness.envoy_proc import free_port
 
 METRICS = """# TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{engine="0",model_name="m"} 1.0

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
+from router_ext.fleet.snapshot import PodStatus
 from router_ext.routing.context import RequestContext
 from router_ext.routing.plugins import Filter, PluginParams
 from router_ext.routing.view import PoolView
-from router_ext.snapshot import PodStatus
 
 
 class LowQueueFilter(Filter):

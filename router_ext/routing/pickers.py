@@ -5,13 +5,18 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from router_ext.fleet.snapshot import PodStatus
 from router_ext.routing.context import RequestContext
 from router_ext.routing.plugins import Picker
 from router_ext.routing.view import PoolView
-from router_ext.snapshot import PodStatus
 
 #: Entries a score-less picker returns beyond `want`: spares for the slow-start cap.
 SPARE = 2
+
+
+def uniform(candidates: Sequence[PodStatus], rng: random.Random, want: int) -> list[PodStatus]:
+    """`want` pods plus the slow-start spares, uniformly: every picker's answer without scores."""
+    return rng.sample(candidates, min(len(candidates), want + SPARE))
 
 
 class RandomPicker(Picker):
@@ -26,7 +31,7 @@ class RandomPicker(Picker):
         rng: random.Random,
         want: int,
     ) -> list[PodStatus]:
-        return rng.sample(candidates, min(len(candidates), want + SPARE))
+        return uniform(candidates, rng, want)
 
 
 class RoundRobinPicker(Picker):
@@ -67,7 +72,7 @@ class MaxScorePicker(Picker):
         want: int,
     ) -> list[PodStatus]:
         if scores is None:
-            return rng.sample(candidates, min(len(candidates), want + SPARE))
+            return uniform(candidates, rng, want)
         return self.pick_ranked(ctx, view, candidates, [-x for x in scores], rng, want)
 
     def pick_ranked(
@@ -107,7 +112,7 @@ class WeightedRandomPicker(Picker):
         want: int,
     ) -> list[PodStatus]:
         if scores is None:
-            return rng.sample(candidates, min(len(candidates), want + SPARE))
+            return uniform(candidates, rng, want)
         r = rng.random
         keys = [r() ** (1.0 / s) if s > 0.0 else -1.0 - r() for s in scores]
         idx = sorted(range(len(keys)), key=keys.__getitem__, reverse=True)

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router_ext.config import ProfileSpec, RoutingSection
+from router_ext.fleet.snapshot import PodStatus
 from router_ext.routing import registry
 from router_ext.routing.context import RequestContext
 from router_ext.routing.plugins import Filter, Picker, Scorer, overrides
+from router_ext.routing.stats import HotPathStats, PluginCost
 from router_ext.routing.view import Decision, NoPodError, PoolView
-from router_ext.snapshot import PodStatus
-from router_ext.telemetry import HotPathStats, PluginCost
 
 log = logging.getLogger("router_ext.routing")
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from router_ext.snapshot import PodStatus, Snapshot
+from router_ext.fleet.snapshot import PodStatus, Snapshot
 
 if TYPE_CHECKING:
     from router_ext.routing.context import RequestContext

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
+from router_ext.fleet.snapshot import EngineMetrics, PodStatus, Snapshot
 from router_ext.routing.context import RequestContext
 from router_ext.routing.plugins import PluginParams, Prepared, Scorer
 from router_ext.routing.view import PoolView
-from router_ext.snapshot import EngineMetrics, PodStatus, Snapshot
 
 INF = float("inf")
 

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from router_ext.snapshot import PodStatus, Snapshot
+from router_ext.fleet.snapshot import PodStatus, Snapshot
 
 if TYPE_CHECKING:
     from router_ext.routing.pipeline import Plan
