@@ -164,12 +164,14 @@ wrk.body = '{"model":"sim-model","messages":[{"role":"user","content":"hello the
 def run_wrk(url: str, connections: int, duration_s: float, script: Path) -> WrkResult:
     """One wrk run (1 thread: the machine has 2 cores and Envoy needs them)."""
     cmd = [
-        "wrk", "-t1", f"-c{connections}", f"-d{duration_s:g}s", "--latency",
+        "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--latency",
         "-s", str(script), url,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 30)
     if proc.returncode != 0:
-        raise BenchError(f"wrk failed ({proc.returncode}): {proc.stderr.strip()}")
+        # wrk prints its usage on stdout for a bad option (e.g. a fractional -d).
+        why = proc.stderr.strip() or proc.stdout.strip()[:300]
+        raise BenchError(f"wrk failed ({proc.returncode}): {why}")
     return parse_wrk(proc.stdout)
 
 

@@ -256,6 +256,34 @@ def prometheus_bin() -> str:
     return path
 
 
+async def until(what: str, pred: Any, timeout: float = 20.0) -> None:
+    """Poll an observable condition; fail naming it after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(pred):
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        await asyncio.sleep(0.1)
+
+
+def router_sum(st: Stack, name: str) -> float:
+    total = 0.0
+    for line in st.router_metrics().splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def router_state(st: Stack, pod: str) -> str:
+    for line in st.router_metrics().splitlines():
+        if line.startswith(f'router_ext_pod_state{{pod="{pod}"'):
+            return line.split('state="', 1)[1].split('"', 1)[0]
+    return ""
+
+
+def prom_sum(prom: _Prometheus, name: str) -> float:
+    res = prom.api("query", query=f"sum({name})").get("data", {}).get("result", [])
+    return float(res[0]["value"][1]) if res else 0.0
+
+
 @pytest.mark.e2e
 @requires_envoy
 async def test_every_dashboard_expression_returns_data(
@@ -274,23 +302,47 @@ async def test_every_dashboard_expression_returns_data(
         stats: dict[str, int] = {}
         load = asyncio.create_task(_load(st.url, stop, stats))
         try:
-            await asyncio.sleep(2.0)
+            # Each phase waits for the state it exists to produce (seen in the router's or
+            # Prometheus's own numbers), never a fixed time.
+            await until(
+                "Prometheus sees routed requests",
+                lambda: prom_sum(prom, "router_ext_decisions_total") > 50,
+            )
             # A pod added under load: cold (no metrics for 2.5 s), slow-started.
             added = st.control("POST", "/pods", {"name": "pod-3", "metrics_delay_s": 2.5})
             prom.write_targets({**st.pods, "pod-3": added["address"]})
-            await asyncio.sleep(2.0)
+            await until("pod-3 cold, then warm", lambda: router_state(st, "pod-3") == "warm")
             # Failover: a pod dies under load (retries, ejection, health-check failures).
             st.control("POST", "/pods/pod-1/kill")
-            await asyncio.sleep(3.0)
+            await until(
+                "pod-1 unreachable and an Envoy ejection",
+                lambda: (
+                    router_state(st, "pod-1") == "unreachable"
+                    and st.envoy_stat("cluster.pods.outlier_detection.ejections_enforced_total")
+                    + st.envoy_stat("cluster.pods.health_check.failure")
+                    > 0
+                ),
+            )
             # Fleet-wide /metrics outage past stale_after_s: metric strategies degrade.
             st.control("POST", "/metrics-outage?on=true")
-            await asyncio.sleep(3.5)
+            await until(
+                "degraded decisions in Prometheus",
+                lambda: prom_sum(prom, "router_ext_degraded_decisions_total") > 0,
+            )
             st.control("POST", "/metrics-outage?on=false")
-            await asyncio.sleep(2.0)
+            await until(
+                "metrics back: pods warm again", lambda: router_state(st, "pod-0") == "warm"
+            )
         finally:
             stop.set()
             await asyncio.wait_for(load, 15)
-        await asyncio.sleep(2.5)  # Prometheus's last scrapes (1 s interval) see the final counts
+        # Prometheus's last scrapes must see the final counts: wait until its copy of the
+        # router's decision counter equals the router's own.
+        final = router_sum(st, "router_ext_decisions_total")
+        await until(
+            "Prometheus has the final counts",
+            lambda: prom_sum(prom, "router_ext_decisions_total") >= final,
+        )
         assert stats.get("ok", 0) > 200, stats
 
         pods = [*st.pods, "pod-3"]

@@ -931,6 +931,16 @@ def test_router_header_steers_fails_over_and_immediate_reply_passes_through(
     assert all(set(h) <= set(rc.ROUTER_READS_HEADERS) for h in fake.seen_headers)
     assert all("authorization" not in h for h in fake.seen_headers)
 
+    # override_host on its own (the router here names whatever the test asks): it selects only
+    # hosts of the pods cluster. An address the cluster does not hold is skipped and the next
+    # entry serves; an answer naming only outsiders goes to the fallback balancer.
+    outsider = "127.0.0.1:1"
+    for _ in range(3):
+        status, headers, _ = _get(live.url, {rc.STRATEGY_REQUEST_HEADER: f"{outsider},{a}"})
+        assert status == 200 and headers[ROUTED_TO_HEADER] == a
+        status, headers, _ = _get(live.url, {rc.STRATEGY_REQUEST_HEADER: outsider})
+        assert status == 200 and headers[ROUTED_TO_HEADER] in (a, b)
+
     # Primary is dead: connect failure -> retry on the next entry of the list.
     status, headers, _ = _get(live.url, {rc.STRATEGY_REQUEST_HEADER: f"{dead},{a}"})
     assert status == 200

@@ -36,7 +36,11 @@ def _default(v: Any) -> str:
     if v is None:
         return "(unset)"
     if isinstance(v, dict):
+        if not v:
+            return "(none)"
         return "`" + ", ".join(f"{k}: {x}" for k, x in v.items()) + "`"
+    if isinstance(v, tuple):
+        return "`" + ", ".join(str(x) for x in v) + "`"
     return f"`{v}`"
 
 

@@ -42,6 +42,8 @@ class EnvoyError(RuntimeError):
 #: that range, so after a process on it dies (a restart test), an outgoing connection can take
 #: it before the process comes back, and the restart fails with "address in use".
 _FIXED_RANGE = (20000, 32700)
+#: Ports this process already handed out: a random pick must not return one twice.
+_handed_out: set[int] = set()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -52,11 +54,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     """
     for _ in range(64):
         port = random.randrange(*_FIXED_RANGE)
+        if port in _handed_out:  # one stack asks for several ports before binding any
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
+            _handed_out.add(port)
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # crowded: let the OS choose
         s.bind((host, 0))
