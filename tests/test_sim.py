@@ -701,9 +701,11 @@ async def read_stream(resp: aiohttp.ClientResponse) -> bytes:
 
 
 async def refused(host: str, port: int) -> bool:
+    """True once nothing accepts on host:port. A connect racing the listener's close lands in
+    its backlog and is reset instead of refused: that is "not accepting" too."""
     try:
         _, w = await asyncio.open_connection(host, port)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
     w.close()
     return False
