@@ -29,7 +29,7 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router_ext.app.telemetry import Telemetry
-from router_ext.config import ACCESS_LOG_SERVICE, EXT_PROC_SERVICE, RouterConfig
+from router_ext.config import EXT_PROC_SERVICE, RouterConfig
 from router_ext.envoy_adapter.auth import StreamAuth, TokenError, load_or_create_token
 from router_ext.envoy_adapter.extproc import ExtProcServicer
 from router_ext.fleet.discovery import PodsFileDiscovery
@@ -44,8 +44,6 @@ log = logging.getLogger("router_ext.app.server")
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_SERVICES = ("", EXT_PROC_SERVICE)
-#: Services whose streams change routing: only an authenticated Envoy may open them.
-PROTECTED_SERVICES = frozenset({EXT_PROC_SERVICE, ACCESS_LOG_SERVICE})
 
 
 class StartupError(RuntimeError):
@@ -229,7 +227,7 @@ class RouterApp:
                 token = load_or_create_token(self.cfg.token_file)
             except TokenError as e:
                 raise StartupError(str(e)) from e
-            # Both servicers that change routing check it on every stream (PROTECTED_SERVICES).
+            # Both servicers that change routing (ext_proc, access log) check it per stream.
             auth = StreamAuth(token, lambda svc: self.telemetry.streams_refused.labels(svc).inc())
             self.extproc.auth = auth
             self.feedback.auth = auth

@@ -166,7 +166,6 @@ class Telemetry:
         self.registry = CollectorRegistry()
         self.hot = HotPathStats()
         self._pod_labels: dict[str, str] = {}
-        self._pod_labels_seen: set[str] = set()
         self.registry.register(_HotPathCollector(self.hot, lambda: self._pod_labels))
         r = self.registry
         self.scrape_duration = Histogram(
@@ -277,13 +276,13 @@ class Telemetry:
         self.als_rejected.labels(reason).inc()
 
     def on_snapshot(self, snap: Snapshot, counts: dict[PodState, int]) -> None:
+        old_labels = set(self._pod_labels.values())
         self._pod_labels = {p.address: p.pod.label for p in snap.pods}
         self.snapshot_version.set(snap.version)
         for st, n in counts.items():
             self.pods_by_state.labels(st.value).set(n)
-        old_labels = set(self._pod_labels_seen)
         self._snap = snap
-        new_labels = {p.pod.label for p in snap.pods}
+        new_labels = set(self._pod_labels.values())
         for label in new_labels - old_labels:
             # Create the per-pod counter at 0 before its first mark: Prometheus cannot see
             # the increase of a series whose first sample is already 1.
@@ -295,7 +294,6 @@ class Telemetry:
             for reason in self._pod_error_reasons.pop(label, ()):
                 with contextlib.suppress(KeyError):
                     self.scrape_errors.remove(label, reason)
-        self._pod_labels_seen = new_labels
 
     def on_scrape_round(self, results: Sequence[ScrapeResult], wall_s: float) -> None:
         self.scrape_round_duration.observe(wall_s)
