@@ -45,6 +45,7 @@ generate: setup
 	$(PY) -m router_ext.envoy_adapter.envoy_config --example envoy
 	$(BIN)/router-ext envoy-config -c deploy/compose/router-ext.yaml --stdout > deploy/compose/envoy.yaml
 	$(PY) grafana/generate.py
+	$(PY) scripts/render-k8s.py
 	bash scripts/gen-proto.sh
 	$(PY) -m router_ext.harness.docs
 

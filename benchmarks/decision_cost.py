@@ -25,20 +25,21 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from benchmarks.common import DOCS_DIR, loadavg, machine_markdown, md_table, run_main, write_result
-from router_ext.app.telemetry import HotPathStats
-from router_ext.config import STRATEGY_NAMES, RouterConfig
+from router_ext.config import BUILTIN_NAMES, RouterConfig
 from router_ext.envoy_adapter.extproc import ExtProcServicer
 from router_ext.fleet.lifecycle import PodLifecycle
 from router_ext.fleet.snapshot import EngineMetrics, Pod, ScrapeResult
 from router_ext.routing import Decision, RequestContext
+from router_ext.routing.prompt import PromptFacts, read_body
 from router_ext.routing.router import Router
+from router_ext.routing.stats import HotPathStats
 
 SIZES = (10, 100, 1_000, 10_000)
 HANDLER_SIZES = (10, 10_000)
 BATCH = 100
 #: A configured weighted profile next to the built-ins: what combining scorers costs.
 WEIGHTED = "queue2-kv2-running1"
-PROFILES = (*STRATEGY_NAMES, WEIGHTED)
+PROFILES = (*BUILTIN_NAMES, WEIGHTED)
 ROUTING = {
     "profiles": {
         WEIGHTED: {
@@ -140,6 +141,13 @@ def run(quick: bool = False) -> str:
     # One context per profile, as the ext_proc adapter builds per request (that cost is in
     # the handler row).
     ctxs = {name: RequestContext(profile=name) for name in PROFILES}
+    # The request-aware profiles with what they read: a 4,000-character prompt (15 blocks of
+    # the prefix scorer) and a session key.
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "%s"}]}' % (b"w " * 2000)
+    facts = read_body(body, 256, 128)
+    assert isinstance(facts, PromptFacts)
+    ctxs["prefix-aware"].prefix_hashes = facts.hashes
+    ctxs["session"].session_key = "session-6f1c2a3e"
     for router in routers.values():  # warm up + sanity check every profile
         for name in PROFILES:
             d = router.route(ctxs[name])

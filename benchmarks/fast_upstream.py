@@ -22,6 +22,9 @@ import yaml
 from router_ext.harness.envoy_proc import EnvoyProcess
 from tests.data.metrics_samples import vllm_v1_page
 
+#: The model every fast-upstream pod reports and the benchmarks' request bodies name.
+SERVED_MODEL = "sim-model"
+
 #: A small chat-completion-shaped reply (what a non-streaming request gets back).
 REPLY = (
     '{"id":"bench","object":"chat.completion","model":"sim-model","choices":[{"index":0,'
@@ -110,7 +113,9 @@ class FastUpstream:
     def start(self) -> FastUpstream:
         self.workdir.mkdir(parents=True, exist_ok=True)
         page = self.workdir / "metrics.txt"
-        page.write_text(vllm_v1_page())
+        # The model the load generators ask for (common.WRK_POST_LUA): the router routes a
+        # request only to pods reporting its model.
+        page.write_text(vllm_v1_page(model=SERVED_MODEL))
         cfg = self.workdir / "upstream.yaml"
         cfg.write_text(
             yaml.safe_dump(upstream_bootstrap(self.hosts, self.port, self.admin_port, page))

@@ -105,6 +105,14 @@ def _router_cfg(workdir: Path, pods_file: Path, router_port: int, legacy: bool =
     return path
 
 
+def _cli_module(tree: Path | None) -> str:
+    """The CLI module of the router under test: a copy from before the layout move
+    (ab97480 and older) has it at router_ext/cli.py."""
+    if tree is not None and not (tree / "router_ext" / "app" / "cli.py").exists():
+        return "router_ext.cli"
+    return "router_ext.app.cli"
+
+
 def _strip_extproc(boot: dict[str, Any], *, drop_filter: bool) -> dict[str, Any]:
     """Remove the gRPC access log (and, for (a), the ext_proc filter and router cluster)."""
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
@@ -226,7 +234,7 @@ def run(
                         [
                             sys.executable,
                             "-m",
-                            "router_ext.app.cli",
+                            _cli_module(ab_router if key == "f" else None),
                             "serve",
                             "--config",
                             str(sub / "router-ext.yaml"),

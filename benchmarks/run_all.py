@@ -1,10 +1,11 @@
 """Run every benchmark in one go and write docs/performance.md (what `make bench` runs).
 
-    python -m benchmarks.run_all           # full run (~25 min on 2 cores)
+    python -m benchmarks.run_all           # full run (~45 min on 2 cores)
     python -m benchmarks.run_all --quick   # smoke run: same code paths, short durations
 
-One run produces every committed number: benchmarks/results/*.md, docs/quality_ttft_p90.png
-and docs/performance.md, so the tables in the docs always come from the same machine state.
+One run produces every committed number: benchmarks/results/*.md, docs/quality_ttft_p90.png,
+docs/shared_prefix.png, docs/multi_turn.png and docs/performance.md, so the tables in the docs
+always come from the same machine state.
 """
 
 from __future__ import annotations
@@ -12,8 +13,18 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks import decision_cost, overhead, quality, scrape_cost, scrape_load, soak
-from benchmarks.common import DOCS_DIR, RESULTS_DIR, machine_markdown, write_result
+from benchmarks import (
+    body_cost,
+    decision_cost,
+    overhead,
+    quality,
+    scrape_cost,
+    scrape_load,
+    shared_prefix,
+    soak,
+)
+from benchmarks.common import DOCS_DIR, RESULTS_DIR, BenchError, machine_markdown, write_result
+from benchmarks.peer_sglang_router import SGLANG_VENV, ensure_sglang, sglang_version
 from benchmarks.peer_vllm_router import (
     PEER_VENV,
     PeerUnavailable,
@@ -32,10 +43,21 @@ def _section(name: str) -> str:
 def _targets() -> str:
     """The verdict lines (`**Target** ...`) of every result file, as one list."""
     lines = []
-    for name in ("overhead", "decision_cost", "scrape_cost", "scrape_load", "quality", "soak"):
+    for name in (
+        "overhead",
+        "decision_cost",
+        "scrape_cost",
+        "scrape_load",
+        "quality",
+        "shared_prefix",
+        "body_cost",
+        "soak",
+    ):
         for line in (RESULTS_DIR / f"{name}.md").read_text().splitlines():
             if line.startswith("**Target**"):
                 lines.append("- " + line.removeprefix("**Target** "))
+            elif line.startswith("Not reported:"):  # a benchmark that refused to measure
+                lines.append(f"- {name}: {line}")
     return "\n".join(lines) + "\n"
 
 
@@ -53,6 +75,13 @@ def main() -> None:
         )
     except PeerUnavailable as e:
         peer_status = f"vllm-router NOT AVAILABLE: {e}"
+    try:
+        ensure_sglang()
+        peer_status += (
+            f"; sglang-router {sglang_version()} (PyPI), installed in benchmarks/{SGLANG_VENV.name}"
+        )
+    except PeerUnavailable as e:
+        peer_status += f"; sglang-router NOT AVAILABLE: {e}"
     print(peer_status, flush=True)
     timings: dict[str, float] = {}
     t = time.monotonic()
@@ -70,6 +99,22 @@ def main() -> None:
     t = time.monotonic()
     q = quality.run(quick=quick)
     timings["quality"] = time.monotonic() - t
+    t = time.monotonic()
+    shared_prefix.run(quick=quick, workload="shared-prefix")
+    shared_prefix.run(quick=quick, workload="multi-turn")
+    timings["shared prefix + multi-turn"] = time.monotonic() - t
+    t = time.monotonic()
+    try:
+        body_cost.run(quick=quick)
+    except BenchError as e:
+        # Refusing is the benchmark's answer when the router did not read the bodies; the
+        # rest of the run still stands. Same layout as a reported result (heading, machine
+        # lines), which write_performance cuts by line count.
+        write_result(
+            "body_cost",
+            f"# Body cost: prefix-aware vs header-only\n\n{machine}\nNot reported: {e}\n",
+        )
+    timings["body cost"] = time.monotonic() - t
     t = time.monotonic()
     soak.run(quick=quick)  # 1,000,000 requests (~7-10 min); benchmarks/results/soak.md
     timings["soak"] = time.monotonic() - t
@@ -95,7 +140,8 @@ use ratios from the same rounds.
 Reproduce everything: `make bench` (or `python -m benchmarks.run_all`; `--quick` for a smoke run).
 Each part alone: `python -m benchmarks.overhead`, `python -m benchmarks.decision_cost`,
 `python -m benchmarks.scrape_cost`, `python -m benchmarks.scrape_load`,
-`python -m benchmarks.quality`,
+`python -m benchmarks.quality`, `python -m benchmarks.shared_prefix [--workload multi-turn]`,
+`python -m benchmarks.body_cost`,
 `python -m benchmarks.peer_vllm_router` (all accept `--quick`).
 Raw per-part results: `benchmarks/results/*.md`.
 
@@ -117,11 +163,21 @@ Raw per-part results: `benchmarks/results/*.md`.
 ## Routing quality (`python -m benchmarks.quality`)
 
 {_section("quality").split(chr(10), 4)[-1].replace("../../docs/", "")}
-## Peer: vllm-router (`python -m benchmarks.peer_vllm_router`)
+## Shared-prefix routing (`python -m benchmarks.shared_prefix`)
+
+{_section("shared_prefix").split(chr(10), 4)[-1].replace("../../docs/", "")}
+## Multi-turn routing (`python -m benchmarks.shared_prefix --workload multi-turn`)
+
+{_section("multi_turn").split(chr(10), 4)[-1].replace("../../docs/", "")}
+## Body cost: prefix-aware vs header-only (`python -m benchmarks.body_cost`)
+
+{_section("body_cost").split(chr(10), 4)[-1]}
+## Peers: vllm-router and sglang-router (`python -m benchmarks.peer_vllm_router`)
 
 {peer_status}. A Rust proxy in the data path (no Envoy): its `round_robin` is row (d) of the
 overhead table, its `power_of_two` and `cache_aware` policies are rows of the quality table,
-measured in the same runs as router-ext.
+measured in the same runs as router-ext. Both peers' `cache_aware` policies, with their
+command-line defaults, are rows of the shared-prefix and multi-turn tables.
 """
     (DOCS_DIR / "performance.md").write_text(doc)
     print(f"wrote docs/performance.md; total {total / 60:.1f} min ({took})")

@@ -475,6 +475,62 @@ def fleet_panels() -> list[Panel]:
     ]
 
 
+def request_panels() -> list[Panel]:
+    """What request-aware routing sees and reads: models, bodies, prefix hits."""
+    return [
+        Panel(
+            "Decisions by model",
+            "Routed decisions by the model the request named (models the pool serves) and "
+            "the profile asked for. Unknown models are 404s, counted as outcome unknown_model "
+            "in the overview's decisions panel.",
+            [
+                Target(
+                    _rate("router_ext_model_decisions_total", "model, strategy"),
+                    "{{model}} {{strategy}}",
+                )
+            ],
+            unit="reqps",
+        ),
+        Panel(
+            "Bodies read and routed header-only",
+            "Bodies the router asked Envoy for (body-reading profiles only), and requests of "
+            "such profiles routed from headers alone, by reason (no_length: chunked upload; "
+            "too_large: over routing.max_body_bytes; encoded; not_json, bad_messages: the "
+            "pod answers those itself).",
+            [
+                Target(_rate("router_ext_body_reads_total"), "read"),
+                Target(_rate("router_ext_body_skipped_total", "reason"), "skipped {{reason}}"),
+            ],
+            unit="reqps",
+        ),
+        Panel(
+            "Prefix hit ratio: predicted vs achieved",
+            "Predicted: of the prompt blocks the prefix scorer routed, the share the chosen pod "
+            "was predicted to hold. Achieved: the pods' own vllm:prefix_cache_hits_total / "
+            "queries_total over the routable pods (tokens, since each pod started). A "
+            "prediction well above the achieved ratio means the index overestimates the "
+            "caches (evictions it does not see).",
+            [
+                Target(
+                    "sum(rate(router_ext_prefix_predicted_blocks_total[$__rate_interval])) / "
+                    "clamp_min(sum(rate(router_ext_prefix_routed_blocks_total"
+                    "[$__rate_interval])), 1)",
+                    "predicted",
+                ),
+                Target("avg(router_ext_fleet_prefix_cache_hit_ratio)", "achieved (fleet)"),
+            ],
+            unit="percentunit",
+        ),
+        Panel(
+            "Achieved prefix-cache hit ratio per pod",
+            "Each pod's own prefix-cache hits / queries since it started, as the router "
+            "scraped them.",
+            [Target(f"avg by (pod) (router_ext_pod_prefix_cache_hit_ratio{{{POD}}})", "{{pod}}")],
+            unit="percentunit",
+        ),
+    ]
+
+
 def _layout(panels: list[Panel]) -> list[dict[str, Any]]:
     """Flow panels left to right, top to bottom, on Grafana's 24-column grid."""
     out = []
@@ -605,6 +661,12 @@ def build() -> dict[str, dict[str, Any]]:
             "Per-pod queue, running requests, KV-cache use and latency from the engines' own "
             "metrics.",
             fleet_panels(),
+        ),
+        "router-ext-requests.json": _dashboard(
+            "router-ext-requests",
+            "router-ext / Request-aware routing",
+            "Models, bodies read and prefix-cache hits: what the request-aware profiles see.",
+            request_panels(),
         ),
     }
 

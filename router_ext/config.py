@@ -34,10 +34,37 @@ SERVED_BY_HEADER = "x-served-by"
 #: Envoy's request id; used to tag log lines.
 REQUEST_ID_HEADER = "x-request-id"
 
+#: Set by Envoy, never by a client: the body's `model`, lifted by Envoy's json_to_metadata filter
+#: into dynamic metadata (namespace MODEL_METADATA_NAMESPACE, key "model") and copied into this
+#: header by a header-mutation filter that overwrites any client-sent copy, so the router learns
+#: the model from the headers alone without reading the body.
+MODEL_HEADER = "x-router-ext-model"
+MODEL_METADATA_NAMESPACE = "router_ext"
+#: MODEL_HEADER values for bodies that name no model: JSON without a string `model`, and a body
+#: that is not JSON. A request without a body (GET) carries no MODEL_HEADER at all.
+MODEL_NONE = "<none>"
+MODEL_NOT_JSON = "<not-json>"
+#: Default header naming a client session (routing.session_header): sticky by rendezvous hash.
+SESSION_HEADER = "x-session-id"
+
 #: The only request headers router-ext reads. Envoy forwards just these to it (ext_proc
 #: forward_rules): less to send, decode and scan per request, and the router never sees
 #: credentials such as Authorization.
-ROUTER_READS_HEADERS = (STRATEGY_REQUEST_HEADER, REQUEST_ID_HEADER, TARGET_POD_HEADER)
+#: The pseudo-headers and length/encoding tell the router whether a body is worth asking for
+#: (a completion path, a known size under the cap, no content-encoding) and which requests it
+#: answers itself (GET /v1/models). The session header is configurable and is added to these
+#: when the bootstrap is rendered.
+ROUTER_READS_HEADERS = (
+    STRATEGY_REQUEST_HEADER,
+    REQUEST_ID_HEADER,
+    TARGET_POD_HEADER,
+    MODEL_HEADER,
+    ":path",
+    ":method",
+    "content-length",
+    "content-type",
+    "content-encoding",
+)
 
 #: The ext_proc service name, also a grpc.health.v1 service name.
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -45,6 +72,9 @@ EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 ACCESS_LOG_SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 
 STRATEGY_NAMES = ("random", "round-robin", "least-request", "least-kv-cache", "least-queue")
+#: Every built-in profile: the five load strategies plus the request-aware ones (they read
+#: the prompt's prefix from the body, or the session header; without either they route by load).
+BUILTIN_NAMES = (*STRATEGY_NAMES, "prefix-aware", "session")
 
 # 0 = pick a free port (tests); the bound port is logged.
 _Port = Annotated[int, Field(ge=0, le=65535)]
@@ -88,6 +118,15 @@ class AuthSection(_Strict):
 
 
 class RouterSection(_Strict):
+    answer: Literal["router-ext", "epp"] = Field(
+        default="router-ext",
+        description=(
+            "router-ext: the answer in x-target-pod (Envoy's override_host policy, as rendered "
+            "by `router-ext envoy-config`). epp: as a Gateway API Inference Extension endpoint "
+            "picker, in header x-gateway-destination-endpoint and metadata envoy.lb, for a "
+            "gateway that speaks the EPP protocol."
+        ),
+    )
     grpc: Listen = Field(
         default=Listen(port=50051),
         description=(
@@ -119,7 +158,61 @@ class RouterSection(_Strict):
     )
 
 
+class KubernetesSection(_Strict):
+    """Pods from the Kubernetes API (discovery.source: kubernetes)."""
+
+    kind: Literal["endpointslices", "pods", "inferencepool"] = Field(
+        default="endpointslices",
+        description=(
+            "endpointslices: the EndpointSlices of `service` (label kubernetes.io/service-name). "
+            "pods: Pods matching `selector`, on `target_port`. inferencepool: the "
+            "inference.networking.k8s.io/v1 InferencePool `inference_pool` (its selector and "
+            "targetPorts)."
+        ),
+    )
+    namespace: str | None = Field(
+        default=None,
+        description="Namespace to watch. Default: the service account's namespace in-cluster, "
+        "else the kubeconfig context's, else `default`.",
+    )
+    service: str | None = Field(default=None, description="Service name (kind endpointslices).")
+    port: int | str | None = Field(
+        default=None,
+        description="EndpointSlice port (number or name) to route to; default the only port.",
+    )
+    selector: dict[str, str] = Field(
+        default_factory=dict, description="Pod label selector (kind pods)."
+    )
+    target_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Pod port (kind pods)."
+    )
+    inference_pool: str | None = Field(default=None, description="InferencePool name.")
+    kubeconfig: Path | None = Field(
+        default=None,
+        description="Kubeconfig file. Default: in-cluster (service-account token and CA) when "
+        "running in a pod, else $KUBECONFIG or ~/.kube/config.",
+    )
+    watch_timeout_s: int = Field(
+        default=300,
+        ge=10,
+        le=3600,
+        description="Server-side timeout of each watch (timeoutSeconds): the watch is resumed "
+        "from the last resourceVersion when it ends.",
+    )
+    backoff_max_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="Cap of the retry back-off after API errors (the last good set is kept).",
+    )
+
+
 class DiscoverySection(_Strict):
+    source: Literal["file", "kubernetes"] = Field(
+        default="file",
+        description="Where pods come from: `pods_file`, or the Kubernetes API (`kubernetes`).",
+    )
+    kubernetes: KubernetesSection = KubernetesSection()
     pods_file: Path = Field(
         default=Path("pods.yaml"),
         description=(
@@ -206,6 +299,17 @@ class ScrapeSection(_Strict):
         ),
     )
     path: str = "/metrics"
+    models_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description=(
+            "How often each pod's /v1/models (the base model and the LoRA adapters it can "
+            "serve) is fetched. Slower than metrics: the list changes when an operator loads an "
+            "adapter, not per request."
+        ),
+    )
+    models_path: str = "/v1/models"
 
 
 #: Profile names travel in the x-routing-strategy header and label metrics: keep them plain.
@@ -272,7 +376,7 @@ class RoutingSection(_Strict):
         default_factory=dict,
         description=(
             "Operator-defined routing profiles by name: filters, weighted scorers, picker. The "
-            "built-in profiles (" + ", ".join(STRATEGY_NAMES) + ") always exist and cannot be "
+            "built-in profiles (" + ", ".join(BUILTIN_NAMES) + ") always exist and cannot be "
             "redefined."
         ),
     )
@@ -281,7 +385,7 @@ class RoutingSection(_Strict):
         description="Profile for requests that do not ask for one (built-in or configured).",
     )
     client_selectable: tuple[str, ...] = Field(
-        default=STRATEGY_NAMES,
+        default=BUILTIN_NAMES,
         description=(
             "Profiles a client may ask for with x-routing-strategy-request (others get HTTP "
             "400, as unknown ones). Default: the built-ins, which only reorder pods by load; "
@@ -325,12 +429,31 @@ class RoutingSection(_Strict):
         ),
     )
     seed: int | None = Field(default=None, description="Random seed (tests, benchmarks).")
+    session_header: str = Field(
+        default=SESSION_HEADER,
+        pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
+        description=(
+            "Request header naming a client session (lower case). Profiles with the session "
+            "scorer keep a session on one pod by rendezvous hashing: no stored state, the same "
+            "answer on every router replica and after a restart."
+        ),
+    )
+    max_body_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        le=64 << 20,
+        description=(
+            "Largest request body the router asks Envoy for (profiles with a body-reading "
+            "plugin, completion paths only). Bigger bodies, and uploads with no length, are "
+            "routed header-only and counted. Envoy's buffer limit is rendered from it."
+        ),
+    )
 
     @field_validator("profiles")
     @classmethod
     def _profile_names(cls, v: dict[str, ProfileSpec]) -> dict[str, ProfileSpec]:
         for name in v:
-            if name in STRATEGY_NAMES:
+            if name in BUILTIN_NAMES:
                 raise ValueError(f"{name!r} is a built-in profile; choose another name")
             if not (0 < len(name) <= 63 and set(name) <= _PROFILE_CHARS and name[0].isalnum()):
                 raise ValueError(
@@ -342,7 +465,7 @@ class RoutingSection(_Strict):
     @field_validator("default_strategy")
     @classmethod
     def _known_strategy(cls, v: str, info: ValidationInfo) -> str:
-        known = (*STRATEGY_NAMES, *info.data.get("profiles", {}))
+        known = (*BUILTIN_NAMES, *info.data.get("profiles", {}))
         if v not in known:
             raise ValueError(f"unknown strategy {v!r}; valid: {', '.join(known)}")
         return v
@@ -350,7 +473,7 @@ class RoutingSection(_Strict):
     @field_validator("client_selectable")
     @classmethod
     def _known_selectable(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
-        known = (*STRATEGY_NAMES, *info.data.get("profiles", {}))
+        known = (*BUILTIN_NAMES, *info.data.get("profiles", {}))
         unknown = [n for n in v if n not in known]
         if unknown:
             raise ValueError(f"unknown profile(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -398,6 +521,21 @@ class WarmupSection(_Strict):
 
 class EnvoySection(_Strict):
     """Values rendered into the Envoy bootstrap by `router-ext envoy-config`."""
+
+    eds: Literal["file", "grpc"] = Field(
+        default="file",
+        description=(
+            "How Envoy learns the pods: a file EDS written by router-ext (sidecar, compose: a "
+            "shared volume) or gRPC EDS served by router-ext on its gRPC port (router and Envoy "
+            "in separate pods)."
+        ),
+    )
+    eds_initial_fetch_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="gRPC EDS: how long a starting Envoy waits for the first endpoints.",
+    )
 
     listener: Listen = Listen(port=10000)
     admin: Listen = Listen(port=9901)

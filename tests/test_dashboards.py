@@ -82,6 +82,7 @@ def test_dashboards_are_loadable_by_grafana_provisioning() -> None:
         "router-ext-overview.json",
         "router-ext-failover.json",
         "router-ext-fleet.json",
+        "router-ext-requests.json",
     }
     uids = [d["uid"] for d in dashes.values()]
     assert len(set(uids)) == len(uids)

@@ -128,3 +128,42 @@ def test_missing_file_at_start_is_not_loaded(tmp_path: Path) -> None:
     assert not d.check()
     assert not d.loaded
     assert "cannot stat" in d.last_error
+
+
+def test_model_and_models_are_the_pods_served_set() -> None:
+    pods = parse_pods(
+        """
+pods:
+  - {address: 10.0.0.1:8000, model: llama-8b, models: [sql-lora, chat-lora]}
+  - {address: 10.0.0.2:8000, models: [" qwen-7b "]}
+  - {address: 10.0.0.3:8000, model: llama-8b, models: [llama-8b]}
+  - {address: 10.0.0.4:8000}
+"""
+    )
+    assert [p.models for p in pods] == [
+        frozenset({"llama-8b", "sql-lora", "chat-lora"}),
+        frozenset({"qwen-7b"}),
+        frozenset({"llama-8b"}),
+        frozenset(),
+    ]
+    assert pods[0].model == "llama-8b" and pods[1].model == ""
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        ("models: sql-lora", "pods.1 (10.0.0.2:8000).models: Input should be a valid list"),
+        ("models: [7]", "pods.1 (10.0.0.2:8000).models.0: Input should be a valid string"),
+        ("models: [a, '']", "pods.1 (10.0.0.2:8000).models: Value error, model names must not"),
+        ("models: {a: 1}", "pods.1 (10.0.0.2:8000).models: Input should be a valid list"),
+        # YAML reads these as a float and a bool: a model "1.5" would never match a request.
+        ("model: 1.5", "pods.1 (10.0.0.2:8000).model: Input should be a valid string"),
+        ("model: yes", "pods.1 (10.0.0.2:8000).model: Input should be a valid string"),
+    ],
+)
+def test_wrong_model_types_name_the_entry(entry: str, needle: str) -> None:
+    text = f"pods:\n  - {{address: 10.0.0.1:8000}}\n  - {{address: 10.0.0.2:8000, {entry}}}\n"
+    with pytest.raises(DiscoveryError) as e:
+        parse_pods(text, "pods.yaml")
+    assert str(e.value).startswith("pods.yaml: ")
+    assert needle in str(e.value)

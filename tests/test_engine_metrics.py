@@ -443,3 +443,146 @@ def test_all_nan_is_its_own_error() -> None:
     with pytest.raises(NoKnownMetricsError) as ei2:
         parse_engine_metrics("# TYPE up gauge\nup 1\n")
     assert not isinstance(ei2.value, NoUsableValuesError)
+
+
+# --- model facts: LoRA state, KV capacity, raw prefix counters ------------------------------------
+
+
+def _lines_of(text: str, name: str) -> list[str]:
+    return [ln for ln in text.split("\n") if ln.startswith(name + "{")]
+
+
+def test_vllm_v1_lora_cache_config_and_prefix_counters() -> None:
+    text = read_sample("vllm_v1.txt")
+    m = parse_engine_metrics(text)
+    assert (m.lora_running, m.lora_waiting, m.max_lora) == (
+        frozenset({"sql-lora", "chat-lora"}),
+        frozenset(),
+        4,
+    )
+    # Each data-parallel engine owns its own KV cache: the pod holds both.
+    assert len(_lines_of(text, "vllm:cache_config_info")) == 2
+    assert (m.cache_blocks, m.block_size) == (2 * 29127, 16)
+    e0, e1 = V1_ENGINES
+    assert m.prefix_hits == e0.prefix_hits + e1.prefix_hits
+    assert m.prefix_queries == e0.prefix_queries + e1.prefix_queries
+
+
+def _sim_page(records: Sequence[tuple[Sequence[str], Sequence[str]]], max_lora: int = 2) -> str:
+    """A page rendered by the simulator's exporter (prometheus_client, vLLM's label order)."""
+    from router_ext.harness.sim.metrics import PodMetrics
+
+    pm = PodMetrics("base-8b", num_engines=2, block_size=32, kv_blocks=1000, max_lora=max_lora)
+    pm.bind_load([1, 2], [0, 1], [10, 20])
+    for running, waiting in records:
+        pm.record_lora(running, waiting)
+    return pm.render().decode()
+
+
+def test_newest_lora_series_wins_over_older_label_sets_still_exported() -> None:
+    page = _sim_page([(["sql-lora"], []), (["chat-lora"], ["sql-lora"]), ([], ["math-lora"])])
+    series = _lines_of(page, "vllm:lora_requests_info")
+    assert len(series) == 3  # the old combinations stay on the page, as vLLM leaves them
+    m = parse_engine_metrics(page)
+    assert (m.lora_running, m.lora_waiting, m.max_lora) == (frozenset(), {"math-lora"}, 2)
+    assert (m.cache_blocks, m.block_size) == (1000, 32)
+    assert (m.running, m.waiting) == (3, 1)
+
+
+def test_newest_lora_series_is_picked_by_value_not_position() -> None:
+    text = (
+        "vllm:num_requests_running 1\n"
+        'vllm:lora_requests_info{max_lora="3",running_lora_adapters="old",'
+        'waiting_lora_adapters=""} 1.7e9\n'
+        'vllm:lora_requests_info{max_lora="3",running_lora_adapters="a, b",'
+        'waiting_lora_adapters="c"} 1.9e9\n'
+        'vllm:lora_requests_info{max_lora="3",running_lora_adapters="nan-one",'
+        'waiting_lora_adapters=""} NaN\n'
+        'vllm:lora_requests_info{max_lora="3",running_lora_adapters="older",'
+        'waiting_lora_adapters=""} 1.8e9\n'
+    )
+    m = parse_engine_metrics(text)
+    assert (m.lora_running, m.lora_waiting, m.max_lora) == ({"a", "b"}, {"c"}, 3)
+
+
+def test_no_lora_family_means_no_adapter_facts() -> None:
+    page = _sim_page([])  # LoRA enabled, no engine step yet: vLLM has no series either
+    assert "vllm:lora_requests_info{" not in page
+    m = parse_engine_metrics(page)
+    assert (m.lora_running, m.lora_waiting, m.max_lora) == (frozenset(), frozenset(), None)
+
+
+def test_bad_max_lora_is_unknown_and_reported() -> None:
+    text = (
+        "vllm:num_requests_running 1\n"
+        'vllm:lora_requests_info{max_lora="many",running_lora_adapters="a",'
+        'waiting_lora_adapters=""} 1.9e9\n'
+    )
+    m, warning = parse_engine_page(text)
+    assert (m.lora_running, m.max_lora) == ({"a"}, None)
+    assert "bad max_lora in vllm:lora_requests_info" in warning
+
+
+def test_lora_line_with_a_broken_value_names_the_line() -> None:
+    text = (
+        "vllm:num_requests_running 1\n"
+        'vllm:lora_requests_info{max_lora="3",running_lora_adapters="a",'
+        'waiting_lora_adapters=""} 1.9e9\n'
+        'vllm:lora_requests_info{max_lora="3",running_lora_adapters="b",'
+        'waiting_lora_adapters=""} soon\n'
+    )
+    with pytest.raises(MetricsParseError, match=r"line 3: .*soon"):
+        parse_engine_metrics(text)
+
+
+def test_cache_config_can_be_skipped_and_lora_is_still_read() -> None:
+    m = parse_engine_metrics(read_sample("vllm_v1.txt"), ttft=False, cache_config=False)
+    assert (m.cache_blocks, m.block_size) == (None, None)
+    assert m.lora_running == {"sql-lora", "chat-lora"}
+
+
+@pytest.mark.parametrize("blocks", ["None", "0", "-5", "lots", ""])
+def test_unprofiled_or_bad_block_count_is_unknown(blocks: str) -> None:
+    text = (
+        "vllm:num_requests_running 1\n"
+        f'vllm:cache_config_info{{block_size="16",engine="0",num_gpu_blocks="{blocks}"}} 1.0\n'
+    )
+    m = parse_engine_metrics(text)
+    assert (m.cache_blocks, m.block_size) == (None, None)
+
+
+def test_broken_cache_config_labels_name_the_line() -> None:
+    text = 'vllm:num_requests_running 1\nvllm:cache_config_info{block_size="16,engine="0"} 1.0\n'
+    with pytest.raises(MetricsParseError, match=r"line 2: .*cache_config_info"):
+        parse_engine_metrics(text)
+
+
+def test_sglang_cache_config_uses_pages() -> None:
+    text = read_sample("sglang.txt") + (
+        'sglang:cache_config_info{dp_rank="0",num_pages="41000",page_size="1"} 1.0\n'
+        'sglang:cache_config_info{dp_rank="1",num_pages="41000",page_size="1"} 1.0\n'
+    )
+    m = parse_engine_metrics(text)
+    assert (m.cache_blocks, m.block_size) == (82000, 1)
+    # SGLang has no LoRA-state family and exports a hit-rate gauge, not token counters.
+    assert (m.max_lora, m.prefix_hits, m.prefix_queries) == (None, None, None)
+
+
+@pytest.mark.parametrize("name", ["vllm_v0.txt", "trtllm.txt"])
+def test_engines_without_the_families_leave_them_unknown(name: str) -> None:
+    m = parse_engine_metrics(read_sample(name))
+    assert (m.max_lora, m.cache_blocks, m.block_size) == (None, None, None)
+    assert (m.prefix_hits, m.prefix_queries) == (None, None)
+    assert m.lora_running == m.lora_waiting == frozenset()
+
+
+def test_prefix_counters_are_raw_and_skip_bad_series() -> None:
+    text = (
+        "vllm:num_requests_running 1\n"
+        'vllm:prefix_cache_hits_total{engine="0"} 100\n'
+        'vllm:prefix_cache_hits_total{engine="1"} NaN\n'
+        'vllm:prefix_cache_queries_total{engine="0"} 400\n'
+        'vllm:prefix_cache_queries_total{engine="1"} 600\n'
+    )
+    m = parse_engine_metrics(text)
+    assert (m.prefix_hits, m.prefix_queries) == (100.0, 1000.0)

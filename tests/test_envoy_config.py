@@ -43,6 +43,7 @@ from router_ext.envoy_adapter.auth import TOKEN_METADATA_KEY
 from router_ext.envoy_adapter.envoy_config import (
     CLUSTER_PODS,
     CLUSTER_ROUTER,
+    CLUSTER_XDS,
     EDS_RELATIVE_PATH,
     ROUTED_TO_HEADER,
     EnvoyValidationError,
@@ -290,8 +291,75 @@ KEY_SETTINGS: list[tuple[str, Callable[[dict[str, Any]], Any], Any]] = [
     (
         "allow_mode_override",
         lambda b: _http_filter(b, "envoy.filters.http.ext_proc")["allow_mode_override"],
-        False,
+        True,
     ),
+    (
+        # The only widening: the request body, buffered; responses never reach the router.
+        "allowed_override_modes",
+        lambda b: _http_filter(b, "envoy.filters.http.ext_proc")["allowed_override_modes"],
+        [
+            {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SKIP",
+                "request_body_mode": "BUFFERED",
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            }
+        ],
+    ),
+    (
+        "forward_rules",
+        lambda b: [
+            p["exact"]
+            for p in _http_filter(b, "envoy.filters.http.ext_proc")["forward_rules"][
+                "allowed_headers"
+            ]["patterns"]
+        ],
+        [*rc.ROUTER_READS_HEADERS, rc.SESSION_HEADER],
+    ),
+    (
+        "model from the body",
+        lambda b: _http_filter(b, "envoy.filters.http.json_to_metadata")["request_rules"]["rules"][
+            0
+        ],
+        {
+            "selectors": [{"key": "model"}],
+            "on_present": {
+                "metadata_namespace": rc.MODEL_METADATA_NAMESPACE,
+                "key": "model",
+                "type": "STRING",
+            },
+            "on_missing": {
+                "metadata_namespace": rc.MODEL_METADATA_NAMESPACE,
+                "key": "model",
+                "value": rc.MODEL_NONE,
+            },
+            "on_error": {
+                "metadata_namespace": rc.MODEL_METADATA_NAMESPACE,
+                "key": "model",
+                "value": rc.MODEL_NOT_JSON,
+            },
+        },
+    ),
+    (
+        "model header copied from metadata, overwriting",
+        lambda b: _http_filter(b, "router_ext.model_header")["extension_config"]["typed_config"][
+            "mutations"
+        ]["request_mutations"],
+        [
+            {
+                "append": {
+                    "header": {
+                        "key": rc.MODEL_HEADER,
+                        "value": f"%DYNAMIC_METADATA({rc.MODEL_METADATA_NAMESPACE}:model)%",
+                    },
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            }
+        ],
+    ),
+    ("request body buffer", lambda b: _route(b)["request_body_buffer_limit"], 16 * 1024 * 1024),
     (
         "ext_proc cluster",
         lambda b: _http_filter(b, "envoy.filters.http.ext_proc")["grpc_service"],
@@ -304,7 +372,13 @@ KEY_SETTINGS: list[tuple[str, Callable[[dict[str, Any]], Any], Any]] = [
     (
         "filter order",
         lambda b: [f["name"] for f in _hcm(b)["http_filters"]],
-        ["envoy.filters.http.ext_proc", "envoy.filters.http.router"],
+        # The model is in the headers before ext_proc's header phase.
+        [
+            "envoy.filters.http.json_to_metadata",
+            "router_ext.model_header",
+            "envoy.filters.http.ext_proc",
+            "envoy.filters.http.router",
+        ],
     ),
     (
         "early header mutation removes routing headers",
@@ -312,7 +386,7 @@ KEY_SETTINGS: list[tuple[str, Callable[[dict[str, Any]], Any], Any]] = [
             m["remove"]
             for m in _hcm(b)["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
         ],
-        [rc.TARGET_POD_HEADER, rc.STRATEGY_USED_HEADER],
+        [rc.TARGET_POD_HEADER, rc.STRATEGY_USED_HEADER, rc.MODEL_HEADER],
     ),
     ("stat_prefix", lambda b: _hcm(b)["stat_prefix"], "ingress"),
     ("codec", lambda b: _hcm(b)["codec_type"], "AUTO"),
@@ -405,6 +479,10 @@ def test_key_settings(
         "healthy_panic_threshold",
         "failure_mode_allow",
         "processing_mode",
+        "allowed_override_modes",
+        "request_body_buffer_limit",
+        "per_connection_buffer_limit_bytes",
+        "request_rules",
         "early_header_mutation_extensions",
         "override_host_sources",
         "max_ejection_percent",
@@ -435,6 +513,21 @@ def test_router_cluster_static_or_dns(tmp_path: Path) -> None:
     default = _cluster(render_bootstrap(_cfg(tmp_path)), CLUSTER_ROUTER)
     sock = default["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
     assert sock == {"socket_address": {"address": "127.0.0.1", "port_value": 50051}}
+
+
+def test_buffer_limit_follows_max_body_bytes_and_session_header_is_forwarded(
+    tmp_path: Path,
+) -> None:
+    cfg = RouterConfig(
+        base_dir=tmp_path,
+        routing=rc.RoutingSection(max_body_bytes=32 << 20, session_header="x-conversation"),
+    )
+    b = render_bootstrap(cfg)
+    assert _route(b)["request_body_buffer_limit"] == 32 << 20  # above the 16 MiB floor
+    ext = _http_filter(b, "envoy.filters.http.ext_proc")
+    forwarded = [p["exact"] for p in ext["forward_rules"]["allowed_headers"]["patterns"]]
+    assert forwarded == [*rc.ROUTER_READS_HEADERS, "x-conversation"]
+    assert rc.SESSION_HEADER not in forwarded
 
 
 def test_per_try_timeout_only_when_positive(tmp_path: Path) -> None:
@@ -974,3 +1067,88 @@ def test_router_header_steers_fails_over_and_immediate_reply_passes_through(
     logged = [e.request.request_headers for e in entries]
     assert any(h.get(rc.TARGET_POD_HEADER) == b for h in logged)
     assert all(h.get(rc.REQUEST_ID_HEADER) for h in logged)
+
+
+# --- gRPC EDS (envoy.eds: grpc) -----------------------------------------------------------------
+
+
+def _grpc_eds_source(b: dict[str, Any]) -> dict[str, Any]:
+    src: dict[str, Any] = _cluster(b, CLUSTER_PODS)["eds_cluster_config"]["eds_config"]
+    return src
+
+
+def test_grpc_eds_rendering(tmp_path: Path) -> None:
+    boot = render_bootstrap(
+        _cfg(tmp_path, eds="grpc", eds_initial_fetch_timeout_s=1.5), token="s" * 32
+    )
+    src = _grpc_eds_source(boot)
+    assert "path_config_source" not in src
+    assert src["initial_fetch_timeout"] == "1.5s"
+    api = src["api_config_source"]
+    assert (api["api_type"], api["transport_api_version"]) == ("GRPC", "V3")
+    assert api["set_node_on_first_message_only"] is True
+    (svc,) = api["grpc_services"]
+    assert svc["envoy_grpc"]["cluster_name"] == CLUSTER_XDS
+    assert svc["envoy_grpc"]["retry_policy"] == {
+        "retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}
+    }
+    assert svc["initial_metadata"] == [{"key": TOKEN_METADATA_KEY, "value": "s" * 32}]
+    # Its own cluster, at the router's address, with no health check to gate the stream.
+    xds = _cluster(boot, CLUSTER_XDS)
+    router = _cluster(boot, CLUSTER_ROUTER)
+    assert "health_checks" not in xds
+    assert xds["load_assignment"]["endpoints"] == router["load_assignment"]["endpoints"]
+    # The file EDS stays as it was: no gRPC source, no extra cluster.
+    file_boot = render_bootstrap(_cfg(tmp_path))
+    assert "path_config_source" in _grpc_eds_source(file_boot)
+    assert CLUSTER_XDS not in {c["name"] for c in file_boot["static_resources"]["clusters"]}
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "api_type",
+        "retry_policy",
+        "initial_metadata",
+        "set_node_on_first_message_only",
+        "initial_fetch_timeout",
+        "connection_keepalive",
+        "eds_config",
+    ],
+)
+def test_grpc_eds_settings_carry_a_why_comment(tmp_path: Path, key: str) -> None:
+    lines = render_bootstrap_yaml(_cfg(tmp_path, eds="grpc")).splitlines()
+    # From the pods cluster on: the route has a retry_policy of its own.
+    start = next(i for i, line in enumerate(lines) if "eds_cluster_config:" in line)
+    hits = [
+        i
+        for i, line in enumerate(lines)
+        if i >= start and line.lstrip().lstrip("- ").startswith(f"{key}:")
+    ]
+    assert hits, key
+    for i in hits:
+        assert lines[i - 1].lstrip().startswith("# "), f"{key} at line {i + 1} has no comment"
+
+
+@needs_envoy
+@pytest.mark.parametrize("router_address", [None, "router.internal:50051"])
+def test_cli_renders_grpc_eds_that_envoy_validates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], router_address: str | None
+) -> None:
+    from router_ext.app.cli import main as cli_main
+
+    envoy: dict[str, Any] = {"eds": "grpc"}
+    if router_address:
+        envoy["router_address"] = router_address
+    conf = tmp_path / "router-ext.yaml"
+    conf.write_text(yaml.safe_dump({"envoy": envoy}))
+    assert cli_main(["envoy-config", "-c", str(conf), "--stdout"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert "api_config_source" in _grpc_eds_source(shown)
+    out = tmp_path / "out"
+    assert cli_main(["envoy-config", "-c", str(conf), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "envoy:" in printed and "eds:" not in printed  # no EDS file to share
+    assert sorted(p.name for p in out.iterdir()) == ["envoy.yaml"]
+    assert ENVOY_BIN is not None
+    validate(out / "envoy.yaml", envoy_bin=ENVOY_BIN)

@@ -9,7 +9,15 @@ import pytest
 
 from router_ext.config import RouterConfig, RoutingSection, ScrapeSection
 from router_ext.fleet.lifecycle import RAMP_FLOOR, PodLifecycle, conservative_estimate
-from router_ext.fleet.snapshot import EngineMetrics, Pod, PodState, ScrapeResult
+from router_ext.fleet.snapshot import (
+    EngineMetrics,
+    ModelCard,
+    Pod,
+    PodState,
+    PodStatus,
+    ScrapeResult,
+    Snapshot,
+)
 from tests.helpers import FakeClock, fail, lifecycle, ok, pods
 
 
@@ -328,3 +336,171 @@ def test_new_pod_reusing_an_address_starts_cold() -> None:
     lc.apply_scrape([ok(same, clock.t, running=1)])
     lc.apply_discovery([same])  # the same pod listed again keeps its record
     assert lc.build_snapshot().pods[0].state is PodState.WARM
+
+
+# --- served models ------------------------------------------------------------------------------
+
+BASE = "llama-8b"
+
+
+def listed(
+    pod: Pod, t: float, ids: set[str], parents: dict[str, str] | None = None, **kw: float
+) -> ScrapeResult:
+    parents = parents or {}
+    return replace(
+        ok(pod, t, **kw),
+        listed_models=frozenset(ids),
+        listed_adapters=frozenset(parents),
+        adapter_parents=tuple(sorted(parents.items())),
+        identity=pod.identity,
+    )
+
+
+def with_lora(
+    r: ScrapeResult, running: set[str], waiting: set[str] | frozenset[str] = frozenset()
+) -> ScrapeResult:
+    assert r.metrics is not None
+    m = replace(
+        r.metrics,
+        models=frozenset({BASE}),
+        lora_running=frozenset(running),
+        lora_waiting=frozenset(waiting),
+        max_lora=4,
+    )
+    return replace(r, metrics=m)
+
+
+def by_name(snap: Snapshot) -> dict[str, PodStatus]:
+    return {p.pod.name: p for p in snap.pods}
+
+
+def test_served_is_every_source_and_adapters_are_the_lora_part() -> None:
+    lc, clk = lifecycle()
+    p = Pod("10.0.0.1", 8000, name="a", models=frozenset({"from-discovery"}))
+    lc.apply_discovery([p])
+    lc.apply_scrape([with_lora(listed(p, clk.t, {BASE, "sql"}, {"sql": BASE}), {"chat"}, {"math"})])
+    (s,) = lc.build_snapshot().pods
+    assert s.served == {"from-discovery", BASE, "sql", "chat", "math"}
+    assert s.adapters == {"sql", "chat", "math"}
+    # A later round that did not list again keeps the listing; the LoRA state is live.
+    lc.apply_scrape([with_lora(ok(p, clk.t), set())])
+    (s,) = lc.build_snapshot().pods
+    assert s.served == {"from-discovery", BASE, "sql"} and s.adapters == {"sql"}
+
+
+def test_failed_listing_keeps_the_last_and_is_counted_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    lc, clk = lifecycle()
+    (p,) = pods(1)
+    lc.apply_discovery([p])
+    lc.apply_scrape([listed(p, clk.t, {BASE})])
+    timeout = replace(ok(p, clk.t), models_reason="timeout", models_error="no answer in 0.3 s")
+    for _ in range(3):
+        lc.apply_scrape([timeout])
+    lc.apply_scrape([replace(timeout, models_reason="http_500", models_error="HTTP 500")])
+    (s,) = lc.build_snapshot().pods
+    assert s.served == {BASE} and s.state is PodState.WARM  # the metrics scrape stands
+    assert lc.models_fetch_failures == {"timeout": 3, "http_500": 1}
+    msgs = [r.getMessage() for r in caplog.records if "model list unusable" in r.getMessage()]
+    assert len(msgs) == 2
+    assert "(timeout): no answer in 0.3 s" in msgs[0] and "(http_500)" in msgs[1]
+
+
+def test_listing_goes_with_the_pod_instance() -> None:
+    lc, clk = lifecycle()
+    old = Pod("10.0.0.1", 8000, name="vllm-a")
+    lc.apply_discovery([old])
+    lc.apply_scrape([listed(old, clk.t, {BASE})])
+    assert lc.build_snapshot().pods[0].served == {BASE}
+    new = Pod("10.0.0.1", 8000, name="vllm-b")  # another pod took the address
+    lc.apply_discovery([new])
+    assert lc.build_snapshot().pods[0].served == frozenset()
+    # A listing fetched for the old pod, arriving late, is not the newcomer's.
+    lc.apply_scrape([listed(old, clk.t, {BASE})])
+    assert lc.build_snapshot().pods[0].served == frozenset()
+    lc.apply_scrape([listed(new, clk.t, {"qwen-7b"})])
+    assert lc.build_snapshot().pods[0].served == {"qwen-7b"}
+    # Gone from discovery and back: listed afresh, nothing remembered.
+    lc.apply_discovery([])
+    lc.apply_discovery([new])
+    assert lc.build_snapshot().pods[0].served == frozenset()
+
+
+def test_snapshot_model_views_cover_routable_pods_only() -> None:
+    lc, clk = lifecycle()
+    a, b, c, dead, unknown = (
+        Pod("10.0.0.1", 8000, name="a", model=BASE),
+        Pod("10.0.0.2", 8000, name="b"),
+        Pod("10.0.0.3", 8000, name="c", model="qwen-7b"),
+        Pod("10.0.0.4", 8000, name="dead", model="mistral-7b"),
+        Pod("10.0.0.5", 8000, name="unknown"),
+    )
+    lc.apply_discovery([a, b, c, dead, unknown])
+    lc.apply_scrape(
+        [
+            listed(a, clk.t, {BASE, "sql"}, {"sql": BASE}),
+            # b lists nothing; its engine reports the base model and runs an unlisted adapter.
+            with_lora(ok(b, clk.t), {"chat"}),
+            ok(c, clk.t),
+            fail(dead, clk.t, "refused"),
+            ok(unknown, clk.t),
+        ]
+    )
+    snap = lc.build_snapshot()
+    pods_ = by_name(snap)
+    assert {k: [p.pod.name for p in v] for k, v in snap.by_model.items()} == {
+        BASE: ["a", "b"],
+        "sql": ["a"],
+        "chat": ["b"],
+        "qwen-7b": ["c"],
+    }
+    assert pods_["unknown"].served == frozenset()
+    assert all(isinstance(p, PodStatus) for v in snap.by_model.values() for p in v)
+    assert snap.models == (
+        ModelCard(id="chat", parent=BASE, pods=1),  # its pod's only base model
+        ModelCard(id=BASE, parent=None, pods=2),
+        ModelCard(id="qwen-7b", parent=None, pods=1),
+        ModelCard(id="sql", parent=BASE, pods=1),
+    )
+    assert snap.multi_model  # llama-8b and qwen-7b; mistral-7b's pod is down
+
+
+def test_one_base_model_with_adapters_is_not_multi_model() -> None:
+    lc, clk = lifecycle()
+    a, b = pods(2)
+    lc.apply_discovery([a, b])
+    lc.apply_scrape(
+        [listed(a, clk.t, {BASE, "sql"}, {"sql": BASE}), with_lora(ok(b, clk.t), {"sql", "chat"})]
+    )
+    snap = lc.build_snapshot()
+    assert not snap.multi_model
+    assert set(snap.by_model) == {BASE, "sql", "chat"}
+
+
+def test_pool_without_any_model_information() -> None:
+    lc, clk = lifecycle()
+    a, b = pods(2)
+    lc.apply_discovery([a, b])
+    lc.apply_scrape([ok(a, clk.t), ok(b, clk.t)])
+    snap = lc.build_snapshot()
+    assert (snap.by_model, snap.models, snap.multi_model) == ({}, (), False)
+    assert len(snap.routable) == 2
+
+
+def test_stale_estimate_keeps_the_pods_own_facts() -> None:
+    last = EngineMetrics(
+        running=1, waiting=0, lora_running=frozenset({"sql"}), max_lora=2, cache_blocks=100,
+        block_size=16, prefix_hits=5.0, prefix_queries=9.0, models=frozenset({BASE}),
+    )  # fmt: skip
+    median = EngineMetrics(running=6, waiting=2)
+    est = conservative_estimate(PodState.STALE, last, median)
+    assert est is not None and (est.running, est.waiting) == (6, 2)
+    assert (est.lora_running, est.max_lora, est.cache_blocks, est.block_size) == (
+        {"sql"},
+        2,
+        100,
+        16,
+    )
+    assert (est.prefix_hits, est.prefix_queries, est.models) == (5.0, 9.0, {BASE})

@@ -16,7 +16,7 @@ from router_ext.api.v1 import admin_pb2 as pb
 from router_ext.app.admin import explain
 from router_ext.app.telemetry import Telemetry
 from router_ext.config import (
-    STRATEGY_NAMES,
+    BUILTIN_NAMES,
     STRATEGY_REQUEST_HEADER,
     ConfigError,
     RouterConfig,
@@ -83,7 +83,7 @@ def test_configured_profiles_are_not_client_selectable_unless_listed() -> None:
     res = r.route(ask("balanced"))
     assert isinstance(res, ClientError) and res.status == 400
     assert "balanced" in res.message  # the name it was asked for, and only the allowed ones:
-    assert res.message.endswith("valid strategies: " + ", ".join(STRATEGY_NAMES))
+    assert res.message.endswith("valid strategies: " + ", ".join(BUILTIN_NAMES))
     assert r.stats.decisions == {("invalid", "bad_request"): 1}
 
     listed = router_for(

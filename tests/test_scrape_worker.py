@@ -5,24 +5,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import marshal
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from router_ext.config import ScrapeSection
-from router_ext.fleet.scrape_worker import ScrapeProcess, make_scraper
+from router_ext.fleet.scrape_worker import (
+    ScrapeProcess,
+    decode_results,
+    encode_frame,
+    encode_results,
+    make_scraper,
+)
 from router_ext.fleet.scraper import Scraper
-from router_ext.fleet.snapshot import Pod, ScrapeResult
+from router_ext.fleet.snapshot import EngineMetrics, Pod, ScrapeResult
 from tests.data.metrics_samples import read_sample
-from tests.test_scraper import free_port, http_server, pod
+from tests.test_scraper import free_port, http_server, pod, pod_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -351,3 +360,94 @@ async def test_parent_loop_stays_responsive_while_the_worker_parses_20_mb(
     assert worst < 0.25 and worst < got[0].duration_s / 4, f"max loop lag {worst * 1e3:.0f} ms"
     lags.sort()
     assert lags[int(len(lags) * 0.99)] < 0.05
+
+
+# --- model facts through the pipe ---------------------------------------------------------------
+
+MODELS = (Path(__file__).parent / "data" / "vllm_models.json").read_text()
+
+
+def _rich_results() -> list[ScrapeResult]:
+    m = EngineMetrics(
+        running=3, waiting=1, kv_cache_usage=0.5, engine="vllm", models=frozenset({"base"}),
+        num_engines=2, lora_running=frozenset({"a", "b"}), lora_waiting=frozenset({"c"}),
+        max_lora=4, cache_blocks=58254, block_size=16, prefix_hits=10.0, prefix_queries=40.0,
+    )  # fmt: skip
+    listed = ScrapeResult(
+        address="10.0.0.1:8000", ok=True, fetched_at=1.0, duration_s=0.01, metrics=m,
+        listed_models=frozenset({"base", "a"}), listed_adapters=frozenset({"a"}),
+        adapter_parents=(("a", "base"),), identity="vllm-a",
+    )  # fmt: skip
+    return [
+        listed,
+        ScrapeResult(address="10.0.0.2:8000", ok=True, fetched_at=1.0, duration_s=0.01, metrics=m),
+        ScrapeResult(
+            address="10.0.0.3:8000",
+            ok=False,
+            fetched_at=1.0,
+            duration_s=0.01,
+            reason="http_500",
+            error="boom",
+            models_reason="timeout",
+            models_error="10.0.0.3:8000: /v1/models: no answer",
+            identity="vllm-c",
+        ),
+        ScrapeResult(
+            address="10.0.0.4:8000",
+            ok=False,
+            fetched_at=1.0,
+            duration_s=0.01,
+            reason="parse",
+            error="bad",
+            listed_models=frozenset({"base"}),
+            listed_adapters=frozenset(),
+            identity="vllm-d",
+        ),
+    ]
+
+
+def test_marshal_frames_carry_every_model_fact() -> None:
+    results = _rich_results()
+    frame = encode_frame(("round", encode_results(results)))
+    (_n,) = struct.unpack(">I", frame[:4])
+    kind, rows = marshal.loads(frame[4:])
+    assert kind == "round"
+    assert decode_results(rows) == results
+
+
+async def test_worker_lists_models_and_adapters_like_the_in_process_scraper() -> None:
+    async def metrics(_r: web.Request) -> web.Response:
+        return web.Response(text=PAGE)
+
+    async def models(_r: web.Request) -> web.Response:
+        return web.Response(text=MODELS, content_type="application/json")
+
+    async def broken(_r: web.Request) -> web.Response:
+        return web.Response(status=503, text="loading")
+
+    cfg = ScrapeSection(interval_s=0.1, timeout_s=1.0)
+    async with contextlib.AsyncExitStack() as stack:
+        fleet = []
+        for i, handler in enumerate((models, broken)):
+            port = await stack.enter_async_context(
+                pod_server({"/metrics": metrics, "/v1/models": handler})
+            )
+            fleet.append(replace(pod(port), uid=f"uid-{i}"))
+        inproc = Scraper(cfg)
+        try:
+            expected = await inproc.scrape_round(fleet)
+        finally:
+            await inproc.close()
+        sp = ScrapeProcess(cfg)
+        rounds = Rounds()
+        async with running(sp, lambda: fleet, rounds):
+            got = await rounds.wait_for(lambda rs: len(rs) == 2)
+            # Listed once per models_interval_s (10 s): later rounds keep the last listing.
+            later = await rounds.wait_for(lambda rs: len(rs) == 2 and rs is not got)
+    for g, e in zip(got, expected, strict=True):
+        assert replace(g, fetched_at=0, duration_s=0) == replace(e, fetched_at=0, duration_s=0)
+    assert got[0].listed_models is not None and "sql-lora" in got[0].listed_models
+    assert got[0].identity == "uid-0"
+    assert got[0].metrics is not None and got[0].metrics.cache_blocks == 2 * 29127
+    assert (got[1].listed_models, got[1].models_reason) == (None, "http_503")
+    assert [r.listed_models for r in later] == [None, None]

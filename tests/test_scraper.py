@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from router_ext.config import ScrapeSection
-from router_ext.fleet.scraper import Scraper, classify_error
+from router_ext.fleet.scraper import ModelListError, Scraper, classify_error, parse_model_list
 from router_ext.fleet.snapshot import Pod, ScrapeResult
 from tests.data.metrics_samples import read_sample
 
@@ -255,6 +258,49 @@ async def test_ttft_is_carried_between_recomputations() -> None:
     assert k <= 2
     assert seen[:k] == [old] * k
     assert all(v == new for v in seen[k:])
+
+
+async def test_kv_capacity_is_carried_between_recomputations() -> None:
+    # Read with the TTFT (a fixed engine config), never missing in between.
+    scraper = Scraper(ScrapeSection(timeout_s=1.0), ttft_every=3)
+    try:
+        async with http_server(page_handler) as port:
+            rs = [await scraper.scrape_one(pod(port)) for _ in range(7)]
+    finally:
+        await scraper.close()
+    assert [(r.metrics.cache_blocks, r.metrics.block_size) for r in rs if r.metrics] == [
+        (2 * 29127, 16)
+    ] * 7
+    assert all(r.metrics and r.metrics.lora_running == {"sql-lora", "chat-lora"} for r in rs)
+
+
+async def test_lora_state_appears_within_a_ttft_period_then_tracks_every_scrape() -> None:
+    # A pod's LoRA series appears at its first adapter step (BACKGROUND §6) and stays.
+    no_lora = "\n".join(ln for ln in PAGE.split("\n") if "lora_requests_info" not in ln)
+    newer = 'vllm:lora_requests_info{max_lora="4",running_lora_adapters="math",waiting_lora_adapters=""} 1.8e9\n'  # noqa: E501
+    pages = [no_lora]
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(text=pages[0])
+
+    scraper = Scraper(ScrapeSection(timeout_s=1.0), ttft_every=3)
+    try:
+        async with http_server(serve) as port:
+            p = pod(port)
+            before = [await scraper.scrape_one(p) for _ in range(3)]
+            pages[0] = PAGE
+            seen = []
+            for _ in range(3):
+                r = await scraper.scrape_one(p)
+                assert r.metrics is not None
+                seen.append(r.metrics.lora_running)
+            pages[0] = PAGE + newer  # a later adapter step: seen on every scrape from now
+            after = [await scraper.scrape_one(p) for _ in range(3)]
+    finally:
+        await scraper.close()
+    assert all(r.metrics and r.metrics.max_lora is None for r in before)
+    assert seen[-1] == {"sql-lora", "chat-lora"}  # within ttft_every scrapes
+    assert [r.metrics.lora_running for r in after if r.metrics] == [{"math"}] * 3
 
 
 # --- rounds -------------------------------------------------------------------------------------
@@ -508,15 +554,15 @@ async def test_body_over_the_cap_with_content_length_is_too_large() -> None:
         return web.Response(text=big)
 
     scraper = Scraper(ScrapeSection(timeout_s=2.0, max_body_bytes=CAP))
+    roomy = Scraper(ScrapeSection(max_body_bytes=len(big.encode())))
     try:
         async with http_server(serve) as port:
             r = await scraper.scrape_one(pod(port))
             # The pod is not blamed beyond this scrape: a page under the cap still works.
-            ok = await Scraper(ScrapeSection(max_body_bytes=len(big.encode()))).scrape_one(
-                pod(port)
-            )
+            ok = await roomy.scrape_one(pod(port))
     finally:
         await scraper.close()
+        await roomy.close()
     assert (r.ok, r.reason, r.metrics) == (False, "too_large", None), r
     assert not r.is_connection_failure
     assert f"127.0.0.1:{port}" in r.error
@@ -643,3 +689,179 @@ async def test_unusable_pages_fail_with_distinct_reasons(
     assert (r.ok, r.reason, r.metrics, r.warning) == (False, reason, None, ""), r
     assert error_has in r.error and f"127.0.0.1:{port}" in r.error
     assert "\n" not in r.error
+
+
+# --- /v1/models ---------------------------------------------------------------------------------
+
+MODELS = (Path(__file__).parent / "data" / "vllm_models.json").read_text()
+BASE = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@asynccontextmanager
+async def pod_server(routes: dict[str, Handler]) -> AsyncIterator[int]:
+    """A pod with several paths (anything else is aiohttp's 404); yields the port."""
+    app = web.Application()
+    for path, handler in routes.items():
+        app.router.add_get(path, handler)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+def json_handler(body: str, status: int = 200, hits: list[str] | None = None) -> Handler:
+    async def serve(request: web.Request) -> web.Response:
+        if hits is not None:
+            hits.append(request.headers.get("Accept", ""))
+        return web.Response(status=status, text=body, content_type="application/json")
+
+    return serve
+
+
+def test_vllm_model_list_names_adapters_and_their_parent() -> None:
+    listing = parse_model_list(MODELS.encode())
+    assert listing.ids == {BASE, "sql-lora", "chat-lora"}
+    assert listing.adapters == {"sql-lora", "chat-lora"}
+    assert listing.adapter_parents == (("chat-lora", BASE), ("sql-lora", BASE))
+
+
+def test_model_list_without_parent_keys_is_all_base_models() -> None:
+    # SGLang and most OpenAI-compatible servers send no `parent` at all.
+    body = b'{"object":"list","data":[{"id":"qwen-7b","object":"model","owned_by":"sglang"}]}'
+    listing = parse_model_list(body)
+    assert (listing.ids, listing.adapters) == ({"qwen-7b"}, frozenset())
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"<html>hi</html>", "not JSON"),
+        (b'{"models": []}', "no 'data' list"),
+        (b'[{"id": "a"}]', "no 'data' list"),
+        (b'{"data": [{"name": "a"}]}', "data[0] has no string 'id'"),
+        (b'{"data": [{"id": 7}]}', "data[0] has no string 'id'"),
+        (b'{"data": [{"id": "a", "parent": 3}]}', "'parent' is not a string"),
+    ],
+)
+def test_model_list_of_another_shape_is_an_error(body: bytes, needle: str) -> None:
+    with pytest.raises(ModelListError, match=re.escape(needle)):
+        parse_model_list(body)
+
+
+async def test_models_are_listed_on_the_first_scrape_then_every_interval() -> None:
+    accepts: list[str] = []
+    scraper = Scraper(ScrapeSection(timeout_s=0.5, models_interval_s=3600))
+    try:
+        routes = {"/metrics": page_handler, "/v1/models": json_handler(MODELS, hits=accepts)}
+        async with pod_server(routes) as port:
+            p = pod(port, name="vllm-a")
+            first = await scraper.scrape_one(p)
+            later = [await scraper.scrape_one(p) for _ in range(3)]
+            # Another pod instance at the same address is listed at once, not in an hour.
+            replaced = await scraper.scrape_one(replace(p, name="vllm-b"))
+    finally:
+        await scraper.close()
+    assert first.ok and first.metrics is not None and first.metrics.running == 12
+    assert first.listed_models == {BASE, "sql-lora", "chat-lora"}
+    assert first.listed_adapters == {"sql-lora", "chat-lora"}
+    assert first.adapter_parents == (("chat-lora", BASE), ("sql-lora", BASE))
+    assert (first.identity, first.models_reason) == ("vllm-a", "")
+    assert all(r.ok and r.listed_models is None for r in later)  # None: keep the last listing
+    assert (replaced.identity, replaced.listed_models) == ("vllm-b", first.listed_models)
+    assert accepts == ["application/json"] * 2
+
+
+async def test_models_are_fetched_again_once_due() -> None:
+    hits: list[str] = []
+    scraper = Scraper(ScrapeSection(timeout_s=0.5, models_interval_s=0.05))
+    try:
+        routes = {"/metrics": page_handler, "/v1/models": json_handler(MODELS, hits=hits)}
+        async with pod_server(routes) as port:
+            p = pod(port)
+            assert (await scraper.scrape_one(p)).listed_models is not None
+            deadline = time.monotonic() + 5
+            while (r := await scraper.scrape_one(p)).listed_models is None:
+                assert time.monotonic() < deadline, "never listed again"
+    finally:
+        await scraper.close()
+    assert r.listed_models == {BASE, "sql-lora", "chat-lora"} and len(hits) == 2
+
+
+async def test_pod_without_the_models_path_is_fine(scraper: Scraper) -> None:
+    async with http_server(page_handler) as port:  # /v1/models is a 404 here
+        r = await scraper.scrape_one(pod(port))
+    assert r.ok and r.metrics is not None
+    assert (r.listed_models, r.listed_adapters, r.models_reason) == (None, None, "")
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "reason"),
+    [
+        (500, "engine dead", "http_500"),
+        (200, "<html>not json</html>", "parse"),
+        (200, '{"data": "nope"}', "parse"),
+        (200, "x" * 8192, "too_large"),
+    ],
+)
+async def test_failed_model_list_never_fails_the_metrics_scrape(
+    status: int, body: str, reason: str
+) -> None:
+    small_page = 'vllm:num_requests_running{model_name="m"} 3\nvllm:num_requests_waiting 1\n'
+    scraper = Scraper(ScrapeSection(timeout_s=0.5, max_body_bytes=4096))
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=small_page)
+
+    try:
+        async with pod_server(
+            {"/metrics": metrics, "/v1/models": json_handler(body, status)}
+        ) as port:
+            r = await scraper.scrape_one(pod(port))
+    finally:
+        await scraper.close()
+    assert r.ok and r.metrics is not None and (r.metrics.running, r.metrics.waiting) == (3, 1)
+    assert (r.reason, r.error) == ("", "")
+    assert (r.listed_models, r.models_reason) == (None, reason)
+    assert f"127.0.0.1:{port}" in r.models_error and "/v1/models" in r.models_error
+
+
+async def test_hung_model_list_times_out_and_metrics_stand() -> None:
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text=MODELS)
+
+    scraper = Scraper(ScrapeSection(timeout_s=0.2))
+    try:
+        async with pod_server({"/metrics": page_handler, "/v1/models": hang}) as port:
+            t0 = time.monotonic()
+            r = await scraper.scrape_one(pod(port))
+            took = time.monotonic() - t0
+            release.set()
+    finally:
+        await scraper.close()
+    assert r.ok and r.metrics is not None
+    assert r.models_reason == "timeout"
+    assert took < 0.2 + 0.2 + 0.5  # the metrics fetch plus one more timeout, no more
+
+
+async def test_model_list_is_read_even_when_the_metrics_page_is_unusable(
+    scraper: Scraper,
+) -> None:
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="exporter crashed")
+
+    async with pod_server({"/metrics": broken, "/v1/models": json_handler(MODELS)}) as port:
+        r = await scraper.scrape_one(pod(port))
+    assert (r.ok, r.reason) == (False, "http_500")
+    assert r.listed_models == {BASE, "sql-lora", "chat-lora"}
+
+
+async def test_no_model_list_request_to_a_pod_that_is_down(scraper: Scraper) -> None:
+    r = await scraper.scrape_one(pod(free_port()))
+    assert (r.reason, r.listed_models, r.models_reason) == ("refused", None, "")

@@ -493,6 +493,7 @@ async def test_pods_file_follows_membership_and_flags(
         "address": "127.0.0.1",
         "port": fleet.pods["pod-0"].port,
         "model": "sim-model",
+        "models": ["sim-model"],
     }
     new = await fleet.add_pod(SimPodConfig(name="pod-9", metrics_delay_s=5))
     assert entries()["pod-9"]["port"] == new.port

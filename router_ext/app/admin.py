@@ -24,6 +24,7 @@ from router_ext.api.v1 import admin_pb2_grpc as pb_grpc
 from router_ext.fleet.snapshot import ROUTABLE_STATES, EngineMetrics, PodState, PodStatus, Snapshot
 from router_ext.routing import RequestContext, Trace
 from router_ext.routing.errors import NO_POD, SATURATED, ClientError
+from router_ext.routing.prompt import BodySkip
 from router_ext.routing.router import DryRun, NotReady, Router
 
 if TYPE_CHECKING:
@@ -121,6 +122,7 @@ def explain(
     headers: Iterable[tuple[str, str]],
     reasons: Mapping[str, tuple[str, int]] | None = None,
     rng: random.Random | None = None,
+    body: bytes = b"",
 ) -> pb.ExplainResponse:
     """What `router.route` would answer for these headers, without routing anything.
 
@@ -130,7 +132,11 @@ def explain(
     path never keeps: each scorer's score per sampled pod, and the pods kept out and by what.
     """
     reasons = reasons or {}
-    ctx = RequestContext.from_headers(headers)
+    ctx = RequestContext.from_headers(headers, router.cfg.routing.session_header)
+    if body:
+        facts = router.read_prompt(ctx, body)
+        if not isinstance(facts, BodySkip):
+            ctx.use_prompt(facts)
     name = ctx.profile or router.default_strategy
     view = router.view
     snap = view.snapshot
@@ -247,7 +253,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ExplainResponse:
         headers = [(h.name, h.value) for h in request.headers]
-        return explain(self.app.router, headers, self._reasons())
+        return explain(self.app.router, headers, self._reasons(), body=request.body)
 
 
 def add_admin_service(app: RouterApp, server: grpc.aio.Server) -> None:

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -53,6 +54,11 @@ def add_admin_commands(sub: Any) -> None:
         default=[],
         metavar="'NAME: VALUE'",
         help="request header as the client would send it (repeatable)",
+    )
+    p.add_argument(
+        "--body",
+        metavar="FILE",
+        help="request body (JSON) for profiles that read it, e.g. prefix-aware; - = stdin",
     )
     p.add_argument("--json", action="store_true", help="print the ExplainResponse as JSON")
     p.set_defaults(fn=_cmd_explain)
@@ -208,10 +214,17 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"router-ext explain: {e}", file=sys.stderr)
         return 2
+    body = b""
+    if args.body:
+        try:
+            body = sys.stdin.buffer.read() if args.body == "-" else Path(args.body).read_bytes()
+        except OSError as e:
+            print(f"router-ext explain: {args.body}: {e.strerror or e}", file=sys.stderr)
+            return 2
     address = args.router or _default_router(args.config)
     ch, stub = _stub(address)
     try:
-        req = pb.ExplainRequest(headers=[pb.Header(name=n, value=v) for n, v in headers])
+        req = pb.ExplainRequest(headers=[pb.Header(name=n, value=v) for n, v in headers], body=body)
         resp = stub.Explain(req, timeout=args.timeout)
     except grpc.RpcError as e:
         print(f"router-ext explain: {address}: {e.code().name}: {e.details()}", file=sys.stderr)

@@ -23,6 +23,7 @@ import aiohttp
 import grpc
 from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2_grpc
+from envoy.service.endpoint.v3 import eds_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
@@ -32,7 +33,8 @@ from router_ext.app.telemetry import Telemetry
 from router_ext.config import EXT_PROC_SERVICE, RouterConfig
 from router_ext.envoy_adapter.auth import StreamAuth, TokenError, load_or_create_token
 from router_ext.envoy_adapter.extproc import ExtProcServicer
-from router_ext.fleet.discovery import PodsFileDiscovery
+from router_ext.envoy_adapter.xds import EdsServer
+from router_ext.fleet.discovery import make_discovery
 from router_ext.fleet.feedback import FeedbackSink
 from router_ext.fleet.lifecycle import PodLifecycle
 from router_ext.fleet.scrape_worker import make_scraper
@@ -43,7 +45,10 @@ log = logging.getLogger("router_ext.app.server")
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-HEALTH_SERVICES = ("", EXT_PROC_SERVICE)
+# "readiness" and "liveness" are the names the Gateway API Inference Extension's endpoint
+# picker protocol asks for (docs/epp.md); readiness follows the ext_proc service.
+HEALTH_SERVICES = ("", EXT_PROC_SERVICE, "readiness")
+LIVENESS_SERVICE = "liveness"
 
 
 class StartupError(RuntimeError):
@@ -60,13 +65,16 @@ class RouterApp:
         self.lifecycle.coldstart_listeners.append(
             lambda _pod, s: self.telemetry.coldstart.observe(s)
         )
-        self.discovery = PodsFileDiscovery(cfg.pods_file, cfg.discovery.poll_interval_s)
+        self.discovery = make_discovery(cfg)
         self.discovery.subscribe(self._on_discovery)
         self.discovery.error_listeners.append(lambda _msg: self.telemetry.discovery_errors.inc())
         # A worker process unless scrape.in_process: parsing must not stall this loop.
         self.scraper = make_scraper(cfg.scrape)
         self.health = health_aio.HealthServicer()
         self.extproc = ExtProcServicer(self.router)
+        self.eds = EdsServer()
+        self.telemetry.fleet.eds = lambda: self.eds.stats
+        self.telemetry.fleet.models_failures = lambda: self.lifecycle.models_fetch_failures
         self.feedback = FeedbackSink(
             self._feedback_unreachable,
             self.router.completed,
@@ -97,7 +105,8 @@ class RouterApp:
         self._known = {p.address for p in pods}
         self.lifecycle.apply_discovery(pods)
         self.publish()
-        if self.write_eds:
+        self.eds.publish(pods)
+        if self.write_eds and self.cfg.envoy.eds == "file":
             self._write_eds(pods)
         # New pods are scraped at once rather than at the next tick: their cold window (and
         # the router's first SERVING) should not wait up to a whole interval.
@@ -210,10 +219,15 @@ class RouterApp:
             )
         # First discovery load happens before scraping so round one has pods to scrape.
         self.discovery.check()
-        if not self.discovery.loaded:
+        if not self.discovery.loaded and self.cfg.discovery.source == "file":
             log.error(
                 "no usable pods file yet (%s); NOT_SERVING until one loads",
                 self.discovery.last_error,
+            )
+        elif not self.discovery.loaded:  # the API is listed by run(), not by check()
+            log.info(
+                "kubernetes discovery: NOT_SERVING until the first list (%s)",
+                self.discovery.status(),
             )
         self._tasks.append(asyncio.create_task(self.discovery.run(self._stop)))
         self._tasks.append(
@@ -222,6 +236,7 @@ class RouterApp:
 
     async def _start_listeners(self) -> None:
         await self._set_health(_NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, _SERVING)  # answering at all is alive
         if self.cfg.router.auth.mode == "token":
             try:
                 token = load_or_create_token(self.cfg.token_file)
@@ -231,17 +246,25 @@ class RouterApp:
             auth = StreamAuth(token, lambda svc: self.telemetry.streams_refused.labels(svc).inc())
             self.extproc.auth = auth
             self.feedback.auth = auth
+            self.eds.auth = auth
         server = grpc.aio.server(
             options=[
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                 ("grpc.so_reuseport", 0),
+                # A body the router asked for arrives as one message: gRPC's 4 MiB default
+                # would refuse a bigger one and the request would silently fail open.
+                (
+                    "grpc.max_receive_message_length",
+                    self.cfg.routing.max_body_bytes + (64 << 10),
+                ),
             ],
         )
         self._server = server
         ep_grpc.add_ExternalProcessorServicer_to_server(self.extproc, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.feedback, server)
+        eds_pb2_grpc.add_EndpointDiscoveryServiceServicer_to_server(self.eds, server)
         self.grpc_port = _bind(server, self.cfg.router.grpc.address, "gRPC (ext_proc)")
         await server.start()
 

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from router_ext.envoy_adapter.xds import EdsStats
 from router_ext.fleet.feedback import CUT_REASONS, REJECT_REASONS
 from router_ext.fleet.snapshot import PodState, ScrapeResult, Snapshot
 from router_ext.routing.stats import (
@@ -50,7 +51,19 @@ class _PodCollector(Collector):
             "Age of each pod's last good metrics (absent while cold).",
             labels=["pod"],
         )
+        hit = GaugeMetricFamily(
+            f"{PREFIX}_pod_prefix_cache_hit_ratio",
+            "Each pod's achieved prefix-cache hit ratio since it started "
+            "(vllm:prefix_cache_hits_total / queries_total, tokens), where it exports them.",
+            labels=["pod"],
+        )
+        fleet = GaugeMetricFamily(
+            f"{PREFIX}_fleet_prefix_cache_hit_ratio",
+            "Achieved prefix-cache hit ratio over the routable pods (sum of hits / sum of "
+            "queries since each started).",
+        )
         snap = self._snap()
+        hits = queries = 0.0
         if snap is not None:
             now = time.monotonic()
             for p in snap.pods:
@@ -58,8 +71,18 @@ class _PodCollector(Collector):
                 state.add_metric([label, p.state.value], 1.0)
                 if p.metrics_at is not None:
                     age.add_metric([label], max(0.0, now - p.metrics_at))
+                m = p.metrics
+                if m is not None and m.prefix_queries:
+                    h = m.prefix_hits or 0.0
+                    hit.add_metric([label], min(1.0, h / m.prefix_queries))
+                    hits += h
+                    queries += m.prefix_queries
+        if queries:
+            fleet.add_metric([], min(1.0, hits / queries))
         yield state
         yield age
+        yield hit
+        yield fleet
 
 
 class _HotPathCollector(Collector):
@@ -147,11 +170,89 @@ class _HotPathCollector(Collector):
                 pb.append((_fmt(bound), acc))
             ph.add_metric([plugin, phase], pb, cost.sum)
         yield ph
+        bm = CounterMetricFamily(
+            f"{PREFIX}_model_decisions",
+            "Routed decisions by the model the request named (models the pool serves only) and "
+            "the profile asked for.",
+            labels=["model", "strategy"],
+        )
+        for (model, strat), n in sorted(s.by_model.items()):
+            bm.add_metric([model, strat], n)
+        yield bm
+        yield CounterMetricFamily(
+            f"{PREFIX}_body_reads",
+            "Request bodies the router asked Envoy for and read (body-reading profiles only).",
+            value=s.body_reads,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_body_read_bytes", "Bytes of the bodies read.", value=s.body_bytes
+        )
+        sk = CounterMetricFamily(
+            f"{PREFIX}_body_skipped",
+            "Requests of a body-reading profile routed from headers alone, by reason "
+            "(no_length: chunked upload; too_large: over routing.max_body_bytes; encoded: "
+            "content-encoding; not_json, bad_messages, ...: a body that gave no prompt).",
+            labels=["reason"],
+        )
+        for reason, n in s.body_skipped.items():
+            sk.add_metric([reason], n)
+        yield sk
+        yield CounterMetricFamily(
+            f"{PREFIX}_prefix_routed_blocks",
+            "Prompt blocks of requests routed by the prefix scorer (the denominator of the "
+            "predicted hit ratio).",
+            value=s.prefix_blocks,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_prefix_predicted_blocks",
+            "Of those, blocks the chosen pod was predicted to hold: rate(predicted) / "
+            "rate(routed) is the achievable hit ratio, to compare with the pods' achieved one "
+            "(router_ext_pod_prefix_cache_hit_ratio).",
+            value=s.prefix_blocks_matched,
+        )
         yield GaugeMetricFamily(
             f"{PREFIX}_ext_proc_streams_open", "ext_proc streams open now.", value=s.streams_open
         )
         yield CounterMetricFamily(
             f"{PREFIX}_ext_proc_streams", "ext_proc streams opened.", value=s.streams_total
+        )
+
+
+class _FleetCollector(Collector):
+    """Counts kept by the fleet and Envoy-adapter objects themselves, read at scrape time:
+    /v1/models fetch failures (lifecycle) and the EDS server's streams (xds)."""
+
+    def __init__(self) -> None:
+        self.models_failures: Callable[[], dict[str, int]] = dict
+        self.eds: Callable[[], EdsStats | None] = lambda: None
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        mf = CounterMetricFamily(
+            f"{PREFIX}_models_fetch_failures",
+            "Failed GET /v1/models of pods, by reason (the last listing is kept).",
+            labels=["reason"],
+        )
+        for reason, n in sorted(self.models_failures().items()):
+            mf.add_metric([reason], n)
+        yield mf
+        eds = self.eds()
+        if eds is None:
+            return
+        yield GaugeMetricFamily(
+            f"{PREFIX}_eds_streams_open",
+            "Envoy EDS streams (gRPC) open now.",
+            value=eds.streams_open,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_eds_responses", "EDS responses sent to Envoy.", value=eds.responses
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_eds_acks", "EDS versions Envoy accepted.", value=eds.acks
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_eds_nacks",
+            "EDS versions Envoy rejected (logged once per version with Envoy's reason).",
+            value=eds.nacks,
         )
 
 
@@ -195,6 +296,9 @@ class Telemetry:
         # simply absent from the next scrape.
         self._snap: Snapshot | None = None
         r.register(_PodCollector(lambda: self._snap))
+        #: Set by the server: where the fleet's own counts are read from.
+        self.fleet = _FleetCollector()
+        r.register(self.fleet)
         self._pod_error_reasons: dict[str, set[str]] = {}
         self.state_changes = Counter(
             f"{PREFIX}_pod_state_changes",

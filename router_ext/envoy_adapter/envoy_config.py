@@ -6,8 +6,11 @@ built together with a one-line reason (`_why(value, reason)`); the same annotate
 the plain bootstrap dict, the commented YAML and the README settings table, so the explanation
 cannot drift from the value either.
 
-Pod membership is *not* baked into the bootstrap: the "pods" cluster is EDS from a file that
-router-ext rewrites (atomically) whenever discovery changes, and Envoy reloads it while running.
+Pod membership is *not* baked into the bootstrap: the "pods" cluster is EDS, either from a file
+that router-ext rewrites (atomically) whenever discovery changes and Envoy reloads while running
+(envoy.eds file: sidecar, compose), or served by router-ext itself over gRPC (envoy.eds grpc,
+router_ext/envoy_adapter/xds.py: router and Envoy in separate pods). Both send the same
+ClusterLoadAssignment with the same content-hash version (`pods_load_assignment`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ import yaml
 
 from router_ext.config import (
     EXT_PROC_SERVICE,
+    MODEL_HEADER,
+    MODEL_METADATA_NAMESPACE,
+    MODEL_NONE,
+    MODEL_NOT_JSON,
     REQUEST_ID_HEADER,
     ROUTER_READS_HEADERS,
     STRATEGY_USED_HEADER,
@@ -38,20 +45,32 @@ from router_ext.config import (
     load_config,
 )
 from router_ext.envoy_adapter.auth import TOKEN_METADATA_KEY, load_or_create_token
+from router_ext.envoy_adapter.modes import (
+    BODY_MODE_OVERRIDE,
+    DEFAULT_PROCESSING_MODE,
+    processing_mode_dict,
+)
 from router_ext.fleet.snapshot import Pod
 
 __all__ = [
+    "CLA_TYPE",
     "CLUSTER_PODS",
     "CLUSTER_ROUTER",
+    "CLUSTER_XDS",
     "EDS_RELATIVE_PATH",
     "ENVOY_DIR",
     "EXAMPLE_BASE_DIR",
     "EXAMPLE_PODS",
+    "MODEL_METADATA_KEY",
     "ROUTED_TO_HEADER",
     "EnvoyValidationError",
+    "body_buffer_limit",
     "eds_path",
+    "eds_version",
     "envoy_dir",
     "example_bootstrap_yaml",
+    "ext_proc_forwarded_headers",
+    "pods_load_assignment",
     "render_bootstrap",
     "render_bootstrap_yaml",
     "render_eds",
@@ -63,10 +82,25 @@ __all__ = [
 
 CLUSTER_PODS = "pods"
 CLUSTER_ROUTER = "router_ext"
+#: Envoy's gRPC client to router-ext's EDS server (envoy.eds: grpc). Same address as
+#: CLUSTER_ROUTER but its own cluster: that one is health-checked with a panic threshold of 0, so
+#: a router still NOT_SERVING (before its first scrape, while draining) would have no healthy
+#: host and Envoy could not even fetch the membership it needs to fail open.
+CLUSTER_XDS = "router_ext_xds"
 
 #: Response header naming the pod that actually served the request (Envoy's %UPSTREAM_HOST%,
 #: i.e. the x-target-pod entry that won after retries). Not in config.py yet.
 ROUTED_TO_HEADER = "x-routed-to"
+
+#: Key under MODEL_METADATA_NAMESPACE where json_to_metadata puts the body's `model`.
+MODEL_METADATA_KEY = "model"
+
+#: Floor of the request body buffer: retries re-send the buffered body, and long-context
+#: prompts exceed Envoy's 1 MiB default (a 3 MiB prompt lost its retry with it, measured).
+_RETRY_BUFFER_FLOOR = 16 * 1024 * 1024
+
+#: Downstream connection read/write buffer (Envoy's default, 1 MiB).
+_CONNECTION_BUFFER = 1024 * 1024
 
 #: Where rendered Envoy files live, relative to `cfg.base_dir` (the router config's directory).
 #: `write_envoy_files(cfg, pods, envoy_dir(cfg))` puts envoy.yaml here, and the EDS file sits in
@@ -80,7 +114,8 @@ EDS_RELATIVE_PATH = ENVOY_DIR / "eds" / "pods.yaml"
 EXAMPLE_BASE_DIR = Path("/etc/router-ext")
 
 _TYPE = "type.googleapis.com/"
-_CLA_TYPE = _TYPE + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+CLA_TYPE = _TYPE + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+_CLA_TYPE = CLA_TYPE
 
 # Envoy's own local replies we rewrite as OpenAI-style JSON, selected by response flag.
 # ext_proc immediate responses carry none of these flags, so router-ext's own JSON bodies pass
@@ -234,7 +269,22 @@ def _build(cfg: RouterConfig, token: str | None = None) -> dict[str, Any]:
         ),
         "static_resources": {
             "listeners": [_listener(cfg, token)],
-            "clusters": [_pods_cluster(cfg), _router_cluster(cfg)],
+            "clusters": [
+                _pods_cluster(cfg, token),
+                _router_cluster(cfg),
+                *(
+                    [
+                        _why(
+                            _xds_cluster(cfg),
+                            "gRPC EDS has its own cluster: the ext_proc one is health-checked "
+                            "with panic threshold 0, so a NOT_SERVING router (starting, "
+                            "draining) would leave Envoy no host to fetch membership from",
+                        )
+                    ]
+                    if cfg.envoy.eds == "grpc"
+                    else []
+                ),
+            ],
         },
         "layered_runtime": {
             "layers": [
@@ -286,15 +336,23 @@ def _listener(cfg: RouterConfig, token: str | None) -> dict[str, Any]:
                             "mutations": [
                                 {"remove": TARGET_POD_HEADER},
                                 {"remove": STRATEGY_USED_HEADER},
+                                {"remove": MODEL_HEADER},
                             ]
                         },
                     )
                 ],
                 "anti-spoofing: drop client-sent routing headers before any filter runs; while "
-                "ext_proc fails open a client x-target-pod would otherwise pick the pod",
+                f"ext_proc fails open a client x-target-pod would otherwise pick the pod, and a "
+                f"client {MODEL_HEADER} on a request without a JSON body (nothing to overwrite "
+                "it) would claim a model the body does not name",
             ),
             "route_config": _route_config(cfg),
-            "http_filters": [_ext_proc_filter(cfg, token), _router_filter()],
+            "http_filters": [
+                _json_to_metadata_filter(),
+                _model_header_filter(),
+                _ext_proc_filter(cfg, token),
+                _router_filter(),
+            ],
             "local_reply_config": _local_reply_config(),
             "access_log": [_grpc_access_log(cfg, token), _file_access_log(cfg)],
         },
@@ -302,8 +360,156 @@ def _listener(cfg: RouterConfig, token: str | None) -> dict[str, Any]:
     return {
         "name": "ingress",
         "address": _socket(env.listener.host, env.listener.port),
+        "per_connection_buffer_limit_bytes": _why(
+            _CONNECTION_BUFFER,
+            "Envoy's default, stated: the route's request_body_buffer_limit raises each "
+            "stream's limit (measured: 31 MiB bodies buffered with this at 1 MiB), so a larger "
+            "value would only let every client connection's read buffer grow",
+        ),
         "filter_chains": [{"filters": [hcm]}],
     }
+
+
+def body_buffer_limit(cfg: RouterConfig) -> int:
+    """Bytes Envoy buffers of one request body: for retries, the model lookup and body phase.
+
+    At least routing.max_body_bytes, so every body the router asks for fits (a body over the
+    limit in BUFFERED mode is a 413); never below the 16 MiB that keeps retries of long prompts.
+    json_to_metadata buffers every JSON body to find `model`, so a JSON body over this limit is
+    refused with 413 (measured: 17 MiB JSON -> 413; a non-JSON body streams through).
+    """
+    return max(_RETRY_BUFFER_FLOOR, cfg.routing.max_body_bytes)
+
+
+def ext_proc_forwarded_headers(cfg: RouterConfig) -> tuple[str, ...]:
+    """The request headers Envoy sends router-ext: what it reads, plus the session header."""
+    extra = (
+        () if cfg.routing.session_header in ROUTER_READS_HEADERS else (cfg.routing.session_header,)
+    )
+    return (*ROUTER_READS_HEADERS, *extra)
+
+
+def _json_to_metadata_filter() -> dict[str, Any]:
+    def kv(value: str | None) -> dict[str, Any]:
+        pair: dict[str, Any] = {
+            "metadata_namespace": MODEL_METADATA_NAMESPACE,
+            "key": MODEL_METADATA_KEY,
+        }
+        if value is None:
+            pair["type"] = "STRING"  # the extracted value, as a string (a number stays usable)
+        else:
+            pair["value"] = value
+        return pair
+
+    return _typed(
+        "envoy.filters.http.json_to_metadata",
+        "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+        {
+            "request_rules": _why(
+                {
+                    "rules": [
+                        {
+                            "selectors": [{"key": "model"}],
+                            "on_present": kv(None),
+                            "on_missing": _why(
+                                kv(MODEL_NONE),
+                                "JSON without a top-level model; also an empty body and a "
+                                "top-level array (measured)",
+                            ),
+                            "on_error": _why(
+                                kv(MODEL_NOT_JSON),
+                                "not JSON, a content-type that is not JSON, or compressed "
+                                "(content-encoding: gzip, measured): the router maps it "
+                                "explicitly",
+                            ),
+                        }
+                    ],
+                    "allow_content_types_regex": _why(
+                        {"regex": r"(?i)application/json\s*(;.*)?"},
+                        "a regex, because the plain list matches the whole header exactly "
+                        f"(measured: 'application/json; charset=utf-8' gave {MODEL_NOT_JSON}); "
+                        f"any other type counts as not JSON ({MODEL_NOT_JSON})",
+                    ),
+                    "allow_empty_content_type": _why(
+                        True,
+                        "a body with no content-type is parsed as JSON by vLLM's server "
+                        "(FastAPI), so it names a model just the same",
+                    ),
+                },
+                "lift the body's model into dynamic metadata in Envoy (C++), before ext_proc's "
+                "header phase: model-aware routing without sending the body to the router",
+            ),
+        },
+    )
+
+
+def _model_header_filter() -> dict[str, Any]:
+    copy = _typed(
+        "envoy.filters.http.header_mutation",
+        "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+        {
+            "mutations": {
+                "request_mutations": _why(
+                    [
+                        {
+                            "append": {
+                                "header": {
+                                    "key": MODEL_HEADER,
+                                    "value": f"%DYNAMIC_METADATA({MODEL_METADATA_NAMESPACE}:"
+                                    f"{MODEL_METADATA_KEY})%",
+                                },
+                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                            }
+                        }
+                    ],
+                    "copy the body's model into a header ext_proc receives with the request "
+                    "headers, overwriting any client-sent copy",
+                ),
+            }
+        },
+    )
+    skip_bodyless = {
+        "matcher_list": {
+            "matchers": [
+                {
+                    "predicate": {
+                        "single_predicate": {
+                            "input": {
+                                "name": "method",
+                                "typed_config": {
+                                    "@type": _TYPE
+                                    + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                                    "header_name": ":method",
+                                },
+                            },
+                            "value_match": {"safe_regex": {"google_re2": {}, "regex": "GET|HEAD"}},
+                        }
+                    },
+                    "on_match": {
+                        "action": {
+                            "name": "skip",
+                            "typed_config": {
+                                "@type": _TYPE
+                                + "envoy.extensions.filters.common.matcher.action.v3.SkipFilter"
+                            },
+                        }
+                    },
+                }
+            ]
+        }
+    }
+    return _typed(
+        "router_ext.model_header",
+        "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+        {
+            "extension_config": copy,
+            "xds_matcher": _why(
+                skip_bodyless,
+                "GET and HEAD carry no body: json_to_metadata would report it as a body "
+                f"without a model ({MODEL_NONE}); these requests carry no model header instead",
+            ),
+        },
+    )
 
 
 def _ext_proc_filter(cfg: RouterConfig, token: str | None) -> dict[str, Any]:
@@ -324,27 +530,29 @@ def _ext_proc_filter(cfg: RouterConfig, token: str | None) -> dict[str, Any]:
             ),
             "message_timeout": _why(
                 _ms(env.message_timeout_ms),
-                "bound the wait for a routing decision; past it the request fails open",
+                "bound the wait for each answer (the header answer, and the body answer when "
+                "the router asked for the body); past it the request fails open",
             ),
             "processing_mode": _why(
-                {
-                    "request_header_mode": "SEND",
-                    "response_header_mode": "SKIP",
-                    "request_body_mode": "NONE",
-                    "response_body_mode": "NONE",
-                    "request_trailer_mode": "SKIP",
-                    "response_trailer_mode": "SKIP",
-                },
-                "the pick needs request headers only; bodies and responses would add a round "
+                processing_mode_dict(DEFAULT_PROCESSING_MODE),
+                "most picks need request headers only; bodies and responses would add a round "
                 "trip per chunk and buffer streamed tokens",
             ),
             "allow_mode_override": _why(
-                False, "router-ext cannot widen what Envoy sends it (keeps the hot path fixed)"
+                True,
+                "the router asks for the body in its header answer only when the chosen "
+                "profile reads it (prefix routing) and the size is under routing.max_body_bytes",
+            ),
+            "allowed_override_modes": _why(
+                [processing_mode_dict(BODY_MODE_OVERRIDE)],
+                "the only widening allowed: the request body, BUFFERED (a header mutation in "
+                "the body answer is honoured only then); any other override is ignored, so "
+                "responses and streamed tokens never pass through the router",
             ),
             "forward_rules": _why(
                 {
                     "allowed_headers": {
-                        "patterns": [{"exact": h} for h in ROUTER_READS_HEADERS],
+                        "patterns": [{"exact": h} for h in ext_proc_forwarded_headers(cfg)],
                     }
                 },
                 "send only the headers the router reads: less to encode and decode per "
@@ -430,9 +638,11 @@ def _route_config(cfg: RouterConfig) -> dict[str, Any]:
                         "match": {"prefix": "/"},
                         "route": route,
                         "request_body_buffer_limit": _why(
-                            16 * 1024 * 1024,
+                            body_buffer_limit(cfg),
                             "retries need the buffered request body; long-context prompts "
-                            "exceed the 1 MiB default and would silently lose retries",
+                            "exceed the 1 MiB default and would silently lose retries; at "
+                            "least routing.max_body_bytes, so a body the router asks for fits; "
+                            "a JSON body over it gets 413 (json_to_metadata buffers it whole)",
                         ),
                         "response_headers_to_add": _why(
                             [
@@ -532,9 +742,64 @@ def _file_access_log(cfg: RouterConfig) -> dict[str, Any]:
     )
 
 
-def _pods_cluster(cfg: RouterConfig) -> dict[str, Any]:
+def _eds_config(cfg: RouterConfig, token: str | None) -> _Why:
+    """Where the pods cluster's membership comes from: the file router-ext rewrites, or
+    router-ext's EDS server over gRPC (envoy.eds)."""
+    if cfg.envoy.eds == "file":
+        path = eds_path(cfg)
+        return _why(
+            {
+                "resource_api_version": "V3",
+                "path_config_source": {
+                    "path": str(path),
+                    "watched_directory": {"path": str(path.parent)},
+                },
+            },
+            "router-ext rewrites this file atomically (temp file + rename into the watched "
+            "directory); Envoy reloads it on the move",
+        )
+    grpc_service = _router_grpc_service(cfg, token)
+    if "initial_metadata" in grpc_service:
+        grpc_service["initial_metadata"] = _why(
+            _strip(grpc_service["initial_metadata"]),
+            "router-ext refuses EDS streams without its token, as it does ext_proc and "
+            "access-log streams",
+        )
+    grpc_service["envoy_grpc"] = {
+        "cluster_name": CLUSTER_XDS,
+        "retry_policy": _why(
+            {"retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}},
+            "reconnect to a restarted router within ~1 s (measured); Envoy's default back-off "
+            "took up to 11 s, all that time without membership updates",
+        ),
+    }
+    return _why(
+        {
+            "resource_api_version": "V3",
+            "api_config_source": {
+                "api_type": _why(
+                    "GRPC", "state of the world: every response carries the whole pod set"
+                ),
+                "transport_api_version": "V3",
+                "grpc_services": [grpc_service],
+                "set_node_on_first_message_only": _why(
+                    True, "the node identity is sent once per stream, not on every ACK"
+                ),
+            },
+            "initial_fetch_timeout": _why(
+                _dur(cfg.envoy.eds_initial_fetch_timeout_s),
+                "a starting Envoy with no reachable EDS server stops waiting for membership "
+                "after this and serves (503s until router-ext answers) instead of refusing "
+                "connections for the 15 s default",
+            ),
+        },
+        "router-ext serves this cluster's endpoints over gRPC (EDS): router and Envoy can run "
+        "in separate pods; with the EDS server gone Envoy keeps its last endpoints",
+    )
+
+
+def _pods_cluster(cfg: RouterConfig, token: str | None = None) -> dict[str, Any]:
     env = cfg.envoy
-    path = eds_path(cfg)
     hc_interval = env.health_check_interval_ms
     # No slow_start_config: measured, it had no visible effect with equal weights (a new pod got
     # its full share at once); the router's own ramp (routing.slow_start_s) is what protects it.
@@ -544,19 +809,7 @@ def _pods_cluster(cfg: RouterConfig) -> dict[str, Any]:
     return {
         "name": CLUSTER_PODS,
         "type": _why("EDS", "membership follows discovery at runtime, no Envoy restart"),
-        "eds_cluster_config": {
-            "eds_config": _why(
-                {
-                    "resource_api_version": "V3",
-                    "path_config_source": {
-                        "path": str(path),
-                        "watched_directory": {"path": str(path.parent)},
-                    },
-                },
-                "router-ext rewrites this file atomically (temp file + rename into the watched "
-                "directory); Envoy reloads it on the move",
-            ),
-        },
+        "eds_cluster_config": {"eds_config": _eds_config(cfg, token)},
         "connect_timeout": _why(
             "0.5s", "a dead pod is found fast and the retry goes elsewhere (default 5 s)"
         ),
@@ -724,6 +977,35 @@ def _pods_cluster(cfg: RouterConfig) -> dict[str, Any]:
             )
         },
     }
+
+
+def _xds_cluster(cfg: RouterConfig) -> dict[str, Any]:
+    """Envoy's connection to router-ext's EDS server: the router's address, no health checks."""
+    router = _router_cluster(cfg)
+    cluster: dict[str, Any] = {"name": CLUSTER_XDS}
+    for key in ("type", "cluster_type"):
+        if key in router:
+            cluster[key] = router[key]
+    cluster["connect_timeout"] = _why(
+        "0.25s", "router is local or near: a slow connect means it is down; retry soon"
+    )
+    cluster["load_assignment"] = {**router["load_assignment"], "cluster_name": CLUSTER_XDS}
+    cluster["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": _TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {
+                "http2_protocol_options": {
+                    "connection_keepalive": _why(
+                        {"interval": "10s", "timeout": "3s"},
+                        "a router gone without closing its socket (node lost) is noticed in "
+                        "~13 s and the stream reopened, instead of waiting on TCP; router-ext "
+                        "accepts pings every 5 s",
+                    )
+                }
+            },
+        }
+    }
+    return cluster
 
 
 def _router_cluster(cfg: RouterConfig) -> dict[str, Any]:
@@ -983,10 +1265,24 @@ def example_bootstrap_yaml() -> str:
 def render_eds(cfg: RouterConfig, pods: Sequence[Pod]) -> dict[str, Any]:
     """The EDS file for the pods cluster: a DiscoveryResponse with one ClusterLoadAssignment.
 
+    `version_info` is a content hash, so Envoy's logs and config dump show when the membership
+    really changed; the gRPC EDS server (xds.py) sends the same assignment and version.
+    """
+    cla = pods_load_assignment(pods)
+    return {"version_info": eds_version(cla), "resources": [cla]}
+
+
+def eds_version(cla: dict[str, Any]) -> str:
+    """A content hash of the assignment: router replicas with the same membership agree."""
+    return hashlib.sha256(json.dumps(cla, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pods_load_assignment(pods: Sequence[Pod]) -> dict[str, Any]:
+    """The pods cluster's ClusterLoadAssignment (JSON form, with its `@type`).
+
     Not-ready pods are left out (never routed). Draining pods stay listed with health_status
     DRAINING: the fallback policy stops picking them while their in-flight requests finish.
-    Duplicate addresses keep the first entry. `version_info` is a content hash, so Envoy's
-    logs and config dump show when the membership really changed.
+    Duplicate addresses keep the first entry; endpoints are sorted by address.
     """
     lb_endpoints: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -1001,10 +1297,17 @@ def render_eds(cfg: RouterConfig, pods: Sequence[Pod]) -> dict[str, Any]:
         if pod.draining:
             entry["health_status"] = "DRAINING"
         lb_endpoints.append(entry)
+    # Address order, not discovery's: replicas whose sources list the same pods in another
+    # order (Kubernetes watch events) must still send the same content and version.
+    lb_endpoints.sort(key=_endpoint_order)
     cla: dict[str, Any] = {"@type": _CLA_TYPE, "cluster_name": CLUSTER_PODS}
     cla["endpoints"] = [{"lb_endpoints": lb_endpoints}] if lb_endpoints else []
-    digest = hashlib.sha256(json.dumps(cla, sort_keys=True).encode()).hexdigest()[:16]
-    return {"version_info": digest, "resources": [cla]}
+    return cla
+
+
+def _endpoint_order(entry: dict[str, Any]) -> tuple[str, int]:
+    sock = entry["endpoint"]["address"]["socket_address"]
+    return str(sock["address"]), int(sock["port_value"])
 
 
 def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
@@ -1039,16 +1342,20 @@ def write_eds_file(cfg: RouterConfig, pods: Sequence[Pod], path: Path | None = N
 
 
 def write_envoy_files(cfg: RouterConfig, pods: Sequence[Pod], out_dir: Path) -> dict[str, Path]:
-    """Write `<out_dir>/envoy.yaml` and the initial EDS file (at `eds_path(cfg)`).
+    """Write `<out_dir>/envoy.yaml` and, with envoy.eds file, the initial EDS file (at
+    `eds_path(cfg)`).
 
     The EDS file must exist before Envoy starts (path config sources are checked at load).
-    Returns {"envoy": ..., "eds": ...}. `envoy_dir(cfg)` is the conventional out_dir.
+    Returns {"envoy": ..., "eds": ...} ("eds" only with the file EDS). `envoy_dir(cfg)` is the
+    conventional out_dir.
     """
     envoy_yaml = Path(out_dir) / "envoy.yaml"
     token = load_or_create_token(cfg.token_file) if cfg.router.auth.mode == "token" else None
     # The file holds the token: readable by its owner only (Envoy runs as the same user, or
     # the deployment sets it so; see docker-compose.yml).
     _atomic_write(envoy_yaml, render_bootstrap_yaml(cfg, token), mode=0o600)
+    if cfg.envoy.eds == "grpc":
+        return {"envoy": envoy_yaml}  # membership comes from router-ext itself, no file
     eds = write_eds_file(cfg, pods)
     return {"envoy": envoy_yaml, "eds": eds}
 

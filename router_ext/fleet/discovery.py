@@ -1,4 +1,5 @@
-"""Static discovery: a YAML pods file, re-read when it changes.
+"""Discovery: where the pod set comes from. A YAML pods file, re-read when it changes, or the
+Kubernetes API (router_ext/fleet/kubernetes.py), behind one `DiscoverySource` seam.
 
 Only pods named here are ever routable (the router never routes to an address a request
 names). A broken file never empties the pool: the last good pod set stays in force and the
@@ -15,14 +16,50 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 
 from router_ext.fleet.snapshot import Pod
 
+if TYPE_CHECKING:
+    from router_ext.config import RouterConfig
+
 log = logging.getLogger("router_ext.fleet.discovery")
+
+
+class DiscoverySource(Protocol):
+    """What the server uses of a discovery source. `pods` is the last good set: an error never
+    empties it. Listeners get every new set; error listeners one call per distinct error."""
+
+    pods: tuple[Pod, ...]
+    loaded: bool  # a usable pod set has been read at least once
+    last_error: str  # "" while healthy
+    error_listeners: list[Callable[[str], None]]
+
+    def subscribe(self, fn: Callable[[Sequence[Pod]], None]) -> None: ...
+
+    def check(self, force: bool = False) -> bool:
+        """Pick up a change now if the source can without I/O waits (the file: one stat);
+        `force` re-reads from scratch (SIGHUP). Returns True when the pod set changed."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """Health detail for the admin API: JSON-serialisable, no secrets."""
+        ...
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+def make_discovery(cfg: RouterConfig) -> DiscoverySource:
+    """The source `discovery.source` names. The Kubernetes client is imported only when
+    chosen: a pods-file router never loads it."""
+    if cfg.discovery.source == "kubernetes":
+        from router_ext.fleet.kubernetes import KubernetesDiscovery
+
+        return KubernetesDiscovery(cfg.discovery.kubernetes)
+    return PodsFileDiscovery(cfg.pods_file, cfg.discovery.poll_interval_s)
 
 
 class DiscoveryError(ValueError):
@@ -36,7 +73,11 @@ class _PodEntry(BaseModel):
     port: int | None = Field(default=None, ge=1, le=65535)
     name: str = ""
     uid: str = ""
-    model: str = ""
+    # Strict: YAML turns `model: 1.5` or `model: yes` into a float or bool, and a model named
+    # "1.5" or "True" would silently never match a request.
+    model: StrictStr = ""
+    # Further base models and LoRA adapters this pod serves (with `model`, Pod.models).
+    models: list[StrictStr] = Field(default_factory=list)
     ready: bool = True
     draining: bool = False
 
@@ -47,6 +88,19 @@ class _PodEntry(BaseModel):
         if not v:
             raise ValueError("address is empty")
         return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_trimmed(cls, v: str) -> str:
+        return v.strip()
+
+    @field_validator("models")
+    @classmethod
+    def _models_named(cls, v: list[str]) -> list[str]:
+        out = [m.strip() for m in v]
+        if any(not m for m in out):
+            raise ValueError("model names must not be empty")
+        return out
 
     def to_pod(self) -> Pod:
         host, port = self.address, self.port
@@ -60,6 +114,7 @@ class _PodEntry(BaseModel):
             name=self.name,
             uid=self.uid,
             model=self.model,
+            models=frozenset(self.models),
             ready=self.ready,
             draining=self.draining,
         )
@@ -110,7 +165,7 @@ def parse_pods(text: str, source: str = "<pods file>") -> tuple[Pod, ...]:
         parsed = _PodsFile.model_validate(raw)
         pods = tuple(e.to_pod() for e in parsed.pods)
     except (ValidationError, ValueError) as e:
-        raise DiscoveryError(f"{source}: {_short(e)}") from e
+        raise DiscoveryError(f"{source}: {_short(e, raw)}") from e
     seen: set[str] = set()
     for p in pods:
         _check_host(p.host, source)
@@ -131,12 +186,25 @@ def _check_host(host: str, source: str) -> None:
         ) from e
 
 
-def _short(e: Exception) -> str:
+def _short(e: Exception, raw: dict[str, Any] | None = None) -> str:
     if isinstance(e, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()
-        )
+        return "; ".join(f"{_where(err['loc'], raw)}: {err['msg']}" for err in e.errors())
     return str(e)
+
+
+def _where(loc: tuple[int | str, ...], raw: dict[str, Any] | None) -> str:
+    """`pods.3.models` -> `pods.3 (10.0.0.7:8000).models`: an index alone is hard to find in a
+    long file, the address is what the operator searches for."""
+    where = ".".join(str(x) for x in loc)
+    if raw is None or len(loc) < 2 or loc[0] != "pods" or not isinstance(loc[1], int):
+        return where
+    pods = raw.get("pods")
+    entry = pods[loc[1]] if isinstance(pods, list) and loc[1] < len(pods) else None
+    address = entry.get("address") if isinstance(entry, dict) else None
+    if not isinstance(address, str) or not address:
+        return where
+    rest = "".join(f".{x}" for x in loc[2:])
+    return f"pods.{loc[1]} ({address}){rest}"
 
 
 @dataclass(frozen=True)
@@ -199,6 +267,17 @@ class PodsFileDiscovery:
         for fn in self._listeners:
             fn(pods)
         return True
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "source": "file",
+            "path": str(self.path),
+            "loaded": self.loaded,
+            "pods": len(self.pods),
+            "ready": sum(1 for p in self.pods if p.ready),
+            "draining": sum(1 for p in self.pods if p.draining),
+            "last_error": self.last_error,
+        }
 
     def _fail(self, msg: str) -> None:
         if msg != self.last_error:

@@ -92,6 +92,13 @@ class _Dialect:
     # Ready-made hit-rate gauges, used only when no counter pair is present.
     hit_gauges: tuple[str, ...]
     ttft: str  # histogram base name; its `_bucket` samples are read
+    # Info-style gauge of adapter state ("" = the engine has none); only its newest series
+    # (largest value) is parsed, see `_take_newest`.
+    lora_info: str = ""
+    # Info-style gauge whose labels give the KV capacity ("" = none), and those label names.
+    cache_info: str = ""
+    cache_blocks_label: str = ""
+    block_size_label: str = ""
 
 
 _VLLM = _Dialect(
@@ -106,6 +113,10 @@ _VLLM = _Dialect(
     ),
     hit_gauges=("vllm:gpu_prefix_cache_hit_rate",),
     ttft="vllm:time_to_first_token_seconds",
+    lora_info="vllm:lora_requests_info",
+    cache_info="vllm:cache_config_info",
+    cache_blocks_label="num_gpu_blocks",
+    block_size_label="block_size",
 )
 _SGLANG = _Dialect(
     engine="sglang",
@@ -115,6 +126,12 @@ _SGLANG = _Dialect(
     hit_counters=(),
     hit_gauges=("sglang:cache_hit_rate",),
     ttft="sglang:time_to_first_token_seconds",
+    # SGLang has no LoRA-state family and no prefix counters (only the hit-rate gauge); its
+    # KV capacity is `sglang:cache_config_info{page_size, num_pages}` (BACKGROUND §6, the
+    # names llm-d's SGLang mapping reads).
+    cache_info="sglang:cache_config_info",
+    cache_blocks_label="num_pages",
+    block_size_label="page_size",
 )
 _TRTLLM = _Dialect(
     engine="trtllm",
@@ -141,7 +158,7 @@ _VLLM_V0_ONLY = frozenset({"vllm:gpu_cache_usage_perc", "vllm:gpu_prefix_cache_h
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_:")
 
 # Roles of the selected sample names.
-_RUNNING, _WAITING, _KV, _HITS, _QUERIES, _HIT_RATE, _TTFT = range(7)
+_RUNNING, _WAITING, _KV, _HITS, _QUERIES, _HIT_RATE, _TTFT, _LORA, _CACHE = range(9)
 
 
 # --- pre-filter ---------------------------------------------------------------------------------
@@ -180,15 +197,55 @@ def _take_lines(text: str, sample: str, lines: list[str], offsets: list[int]) ->
     return len(lines) > before
 
 
+def _sample_value(line: str) -> float | None:
+    """The value of one sample line without parsing its labels; None if it is no float.
+
+    The value follows the last `}` (label values may contain `}`, the value never does), or
+    the name when there are no labels; an optional timestamp may follow it.
+    """
+    brace = line.rfind("}")
+    rest = line[brace + 1 :] if brace >= 0 else line.partition(" ")[2]
+    parts = rest.split(None, 1)
+    try:
+        return float(parts[0]) if parts else None
+    except ValueError:
+        return None
+
+
+def _newest(found: list[str]) -> int:
+    """Index of the line with the largest value (-1: none usable).
+
+    vLLM sets `vllm:lora_requests_info` to the current time on every update under the current
+    label set, and never removes the old label sets: a long-lived pod exports one series per
+    adapter combination it ever had, and only the newest tells the state now (BACKGROUND §6).
+    A line whose value is no float wins outright, so the parser gets to name it; NaN series
+    are passed over. One newest series per page, not per engine: vLLM does not support LoRA
+    with data parallelism, and the family has no `engine` label.
+    """
+    best = -1
+    best_v = -math.inf
+    for i, line in enumerate(found):
+        v = _sample_value(line)
+        if v is None:
+            return i
+        if v >= best_v:  # NaN compares False: never chosen
+            best, best_v = i, v
+    return best
+
+
 @dataclass(slots=True)
 class _Selection:
     dialect: _Dialect
     lines: list[str]
     offsets: list[int]
     roles: dict[str, int]
+    # Info-style lines (role, line, offset) whose labels are read through `_info_labels`.
+    info: list[tuple[int, str, int]]
 
 
-def _select(text: str, ttft: bool) -> _Selection | None:
+def _select(
+    text: str, ttft: bool, cache_config: bool = True, lora: bool = True
+) -> _Selection | None:
     """Pick the engine dialect and cut out the lines of the families we read."""
     for d in _DIALECTS:
         lines: list[str] = []
@@ -217,8 +274,55 @@ def _select(text: str, ttft: bool) -> _Selection | None:
         bucket = d.ttft + "_bucket"
         if ttft and _take_lines(text, bucket, lines, offsets):
             roles[bucket] = _TTFT
-        return _Selection(d, lines, offsets, roles)
+        info: list[tuple[int, str, int]] = []
+        wanted = (
+            (d.lora_info if lora else "", _LORA),
+            (d.cache_info if cache_config else "", _CACHE),
+        )
+        for name, role in wanted:
+            found: list[str] = []
+            at: list[int] = []
+            if not name or not _take_lines(text, name, found, at):
+                continue
+            picks = range(len(found)) if role == _CACHE else [_newest(found)]
+            for i in picks:
+                if i < 0:
+                    continue
+                if _sample_value(found[i]) is None:
+                    # Not a sample line the format allows: the parser rejects it with the
+                    # line number, as for every other kept family.
+                    lines.append(found[i])
+                    offsets.append(at[i])
+                    roles[name] = role
+                else:
+                    info.append((role, found[i], at[i]))
+        return _Selection(d, lines, offsets, roles, info)
     return None
+
+
+# Parsed labels of info-style series, keyed by the line up to its closing brace. Their label
+# sets are fixed per engine config (and shared by every pod of a fleet), but prometheus_client
+# needs ~70 µs for one 11-label `vllm:cache_config_info` line: parsed on every scrape they would
+# double the cost of a page. Bounded: cleared when full (a fleet has a handful of distinct ones).
+_INFO_MEMO: dict[str, dict[str, str]] = {}
+_INFO_MEMO_MAX = 4096
+
+
+def _info_labels(line: str) -> dict[str, str]:
+    """The labels of one info-style sample line, parsed by prometheus_client once per distinct
+    label text. Raises what the parser raises for a malformed line."""
+    brace = line.rfind("}")
+    key = line[: brace + 1] if brace >= 0 else line.partition(" ")[0]
+    labels = _INFO_MEMO.get(key)
+    if labels is None:
+        labels = {}
+        for fam in text_string_to_metric_families(key + " 1"):
+            for sample in fam.samples:
+                labels = dict(sample.labels)
+        if len(_INFO_MEMO) >= _INFO_MEMO_MAX:
+            _INFO_MEMO.clear()
+        _INFO_MEMO[key] = labels
+    return labels
 
 
 # --- parse --------------------------------------------------------------------------------------
@@ -338,14 +442,24 @@ def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
 
 
 def parse_engine_metrics(
-    text: str, model: str | None = None, *, ttft: bool = True
+    text: str,
+    model: str | None = None,
+    *,
+    ttft: bool = True,
+    cache_config: bool = True,
+    lora: bool = True,
 ) -> EngineMetrics:
     """`parse_engine_page` without the repair warning."""
-    return parse_engine_page(text, model, ttft=ttft)[0]
+    return parse_engine_page(text, model, ttft=ttft, cache_config=cache_config, lora=lora)[0]
 
 
 def parse_engine_page(
-    text: str, model: str | None = None, *, ttft: bool = True
+    text: str,
+    model: str | None = None,
+    *,
+    ttft: bool = True,
+    cache_config: bool = True,
+    lora: bool = True,
 ) -> tuple[EngineMetrics, str]:
     """Parse one /metrics page into per-pod load signals and a repair warning ("" if none).
 
@@ -379,8 +493,17 @@ def parse_engine_page(
     ~0.2 ms without, against ~9 ms for prometheus_client on the whole page (measured by
     benchmarks/parse_cost.py). The scraper uses it to recompute the slow-moving, cumulative
     p90 only every few scrapes.
+
+    LoRA state (`lora_*`, `max_lora`) comes from the newest `vllm:lora_requests_info` series,
+    KV capacity (`cache_blocks`, `block_size`) from the cache-config info series; both are
+    None/empty when the engine exports none. `cache_config=False` skips the latter (they are
+    then None): the config is fixed for the life of the engine, and finding it is one more
+    scan of the whole page (~17 µs for 85 KB), so the scraper reads it with the TTFT.
+    `lora=False` skips the LoRA family the same way (empty/None): the scraper looks for it on
+    every scrape of a pod that has it and with the TTFT on others, since a pod without LoRA
+    never has it and one with LoRA keeps it once it appeared.
     """
-    sel = _select(text, ttft)
+    sel = _select(text, ttft, cache_config, lora)
     if sel is None:
         raise NoKnownMetricsError(NO_KNOWN_METRICS)
     try:
@@ -396,7 +519,10 @@ def parse_engine_page(
     have_running = have_waiting = False
     kv: list[float] = []
     hits = queries = 0.0
-    have_queries = False
+    have_hits = have_queries = False
+    adapters: tuple[frozenset[str], frozenset[str], int | None] | None = None
+    # engine label -> (blocks, block size): one info series per data-parallel engine.
+    cache: dict[str, tuple[int, int]] = {}
     gauge_rates: list[float] = []
     buckets: dict[float, float] = {}
     buckets_ok = True
@@ -441,6 +567,7 @@ def parse_engine_page(
             if math.isfinite(v) and v >= 0.0:
                 if role == _HITS:
                     hits += v
+                    have_hits = True
                 else:
                     queries += v
                     have_queries = True
@@ -468,6 +595,24 @@ def parse_engine_page(
                 continue
             buckets[le] = buckets.get(le, 0.0) + v
 
+    for role, line, off in sel.info:
+        try:
+            labels = _info_labels(line)
+        except Exception as e:  # the parser raises ValueError, but also IndexError/TypeError
+            lineno = text.count("\n", 0, off) + 1
+            raise MetricsParseError(f"line {lineno}: {_shorten(line)!r}: {_detail(e)}") from e
+        if role == _LORA:
+            adapters = _lora_state(labels)
+            if adapters[2] is None and labels.get("max_lora"):
+                repairs = repairs or _Repairs()
+                repairs.add("bad max_lora in {}: no adapter slot count", sel.dialect.lora_info)
+        else:  # _CACHE
+            d = sel.dialect
+            blocks = _positive_int(labels.get(d.cache_blocks_label))
+            size = _positive_int(labels.get(d.block_size_label))
+            if blocks is not None and size is not None:
+                cache[labels.get("engine", labels.get("dp_rank", ""))] = (blocks, size)
+
     if not (have_running or have_waiting):
         d = sel.dialect
         raise NoUsableValuesError(
@@ -494,5 +639,47 @@ def parse_engine_page(
         engine=engine,
         models=frozenset(models),
         num_engines=max(1, len(engines)),
+        lora_running=adapters[0] if adapters is not None else frozenset(),
+        lora_waiting=adapters[1] if adapters is not None else frozenset(),
+        max_lora=adapters[2] if adapters is not None else None,
+        cache_blocks=sum(b for b, _ in cache.values()) if cache else None,
+        block_size=max(bs for _, bs in cache.values()) if cache else None,
+        prefix_hits=hits if have_hits else None,
+        prefix_queries=queries if have_queries else None,
     )
     return metrics, (repairs.text() if repairs is not None else "")
+
+
+def _names(joined: str | None) -> frozenset[str]:
+    """vLLM joins adapter names with commas; "" is no adapter."""
+    if not joined:
+        return frozenset()
+    return frozenset(n for n in (x.strip() for x in joined.split(",")) if n)
+
+
+def _positive_int(raw: str | None) -> int | None:
+    """An integer label such as num_gpu_blocks: None when absent, not an integer or < 1 (vLLM
+    writes "None" before its KV cache is profiled)."""
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        return None
+    return n if n > 0 else None
+
+
+def _lora_state(labels: dict[str, str]) -> tuple[frozenset[str], frozenset[str], int | None]:
+    raw = labels.get("max_lora")
+    slots: int | None
+    try:
+        slots = int(raw) if raw else None
+    except ValueError:
+        slots = None
+    if slots is not None and slots < 0:
+        slots = None
+    return (
+        _names(labels.get("running_lora_adapters")),
+        _names(labels.get("waiting_lora_adapters")),
+        slots,
+    )

@@ -56,6 +56,16 @@ class _PodRecord:
     # Slow start ends early once the pod is warm and keeping up.
     ramp_done: bool = False
     model_mismatch_logged: bool = False
+    # The pod's last /v1/models listing. On the record, so it goes with the pod instance: a
+    # pod that leaves discovery, or another pod at the same address, starts unlisted.
+    listed_models: frozenset[str] | None = None
+    listed_adapters: frozenset[str] = frozenset()
+    adapter_parents: tuple[tuple[str, str], ...] = ()
+    logged_models_failure: str = ""
+    # (served, adapters) and the inputs they were derived from: rebuilt only when one of
+    # them is another object (steady pods keep theirs across snapshots).
+    served_inputs: tuple[object, ...] = ()
+    served: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
     scraped_once: bool = False  # at least one scrape attempt finished (ok or not)
     warming: bool = False  # warm-up request in flight: not routable yet
     state_changes: int = 0
@@ -84,6 +94,9 @@ class PodLifecycle:
         self._started_at = clock()
         self._listeners: list[StateListener] = []
         self.coldstart_listeners: list[Callable[[Pod, float], None]] = []
+        #: Failed /v1/models fetches by reason token ("timeout", "http_500", "parse", ...),
+        #: cumulative: what telemetry exports (a pod without the path, HTTP 404, is none).
+        self.models_fetch_failures: dict[str, int] = {}
 
     # --- inputs --------------------------------------------------------------------------
     def on_state_change(self, fn: StateListener) -> None:
@@ -137,6 +150,7 @@ class PodLifecycle:
             if rec is None:
                 continue  # pod left discovery while we scraped it
             rec.scraped_once = True
+            self._apply_listing(rec, r)
             if r.ok and r.metrics is not None:
                 if rec.unreachable:
                     log.info("pod %s re-admitted: scrape succeeded", rec.pod.label)
@@ -184,6 +198,51 @@ class PodLifecycle:
         if self.discovery_loaded and not self.ready:
             self.ready = all(r.scraped_once for r in self._records.values() if r.pod.ready)
         self._rederive(now)
+
+    def _apply_listing(self, rec: _PodRecord, r: ScrapeResult) -> None:
+        """Keep the pod's /v1/models listing; count and explain (once per pod and reason) a
+        failed fetch, which changes nothing else: the previous listing stays."""
+        if r.identity and r.identity != rec.pod.identity:
+            return  # fetched for the pod that had this address before
+        if r.listed_models is not None:
+            rec.listed_models = r.listed_models
+            rec.listed_adapters = r.listed_adapters or frozenset()
+            rec.adapter_parents = r.adapter_parents
+            if rec.logged_models_failure:
+                log.info("pod %s %s usable again", rec.pod.label, self.cfg.scrape.models_path)
+                rec.logged_models_failure = ""
+            return
+        reason = r.models_reason
+        if not reason:
+            return
+        self.models_fetch_failures[reason] = self.models_fetch_failures.get(reason, 0) + 1
+        if reason != rec.logged_models_failure:
+            rec.logged_models_failure = reason
+            log.warning(
+                "pod %s (%s) model list unusable (%s): %s; keeping its last listing (logged "
+                "once per pod and reason)",
+                rec.pod.label,
+                rec.pod.address,
+                reason,
+                r.models_error,
+                extra={"pod": rec.pod.label, "reason": f"models_{reason}"},
+            )
+
+    def _served(self, rec: _PodRecord) -> tuple[frozenset[str], frozenset[str]]:
+        """(served, adapters) of one pod: see PodStatus.served."""
+        m = rec.metrics
+        inputs = (rec.pod, m, rec.listed_models, rec.listed_adapters)
+        old = rec.served_inputs
+        if len(old) == len(inputs) and all(a is b for a, b in zip(old, inputs, strict=True)):
+            return rec.served
+        adapters = rec.listed_adapters
+        served = rec.pod.models | (rec.listed_models or frozenset()) | adapters
+        if m is not None:
+            adapters = adapters | m.lora_running | m.lora_waiting
+            served = served | m.models | adapters
+        rec.served_inputs = inputs
+        rec.served = (served, adapters)
+        return rec.served
 
     def needs_warmup(self, address: str) -> bool:
         rec = self._records.get(address)
@@ -333,14 +392,14 @@ class PodLifecycle:
             fn(rec.pod, old, rec.state, why)
 
     def _check_model(self, rec: _PodRecord, m: EngineMetrics) -> None:
-        want = rec.pod.model
-        if want and m.models and want not in m.models and not rec.model_mismatch_logged:
+        want = rec.pod.models
+        if want and m.models and want.isdisjoint(m.models) and not rec.model_mismatch_logged:
             rec.model_mismatch_logged = True
             log.warning(
-                "pod %s reports model(s) %s but discovery says %r; routing it anyway",
+                "pod %s reports model(s) %s but discovery says %s; routing it for both",
                 rec.pod.label,
                 ",".join(sorted(m.models)),
-                want,
+                ",".join(sorted(want)),
             )
 
     def _ramp(self, rec: _PodRecord, now: float, median: EngineMetrics | None) -> float:
@@ -380,6 +439,7 @@ class PodLifecycle:
             [r.metrics for r in recs if r.state is PodState.WARM and r.metrics is not None]
         )
         for i, rec in enumerate(recs):
+            served, adapters = self._served(rec)
             statuses.append(
                 PodStatus(
                     pod=rec.pod,
@@ -391,6 +451,9 @@ class PodLifecycle:
                     ready_since=rec.ready_since,
                     ramp=self._ramp(rec, now, median),
                     score_metrics=conservative_estimate(rec.state, rec.metrics, median),
+                    served=served,
+                    adapters=adapters,
+                    adapter_parents=rec.adapter_parents,
                 )
             )
         return Snapshot.build(
@@ -432,6 +495,8 @@ def conservative_estimate(
         if last.kv_cache_usage is not None and median.kv_cache_usage is not None
         else (median.kv_cache_usage if median.kv_cache_usage is not None else last.kv_cache_usage)
     )
+    # Load is pessimised; the pod's own facts (models, adapters, KV capacity, counters) are
+    # kept: they were true at its last scrape and the median knows nothing about them.
     return EngineMetrics(
         running=max(last.running, median.running),
         waiting=max(last.waiting, median.waiting),
@@ -440,4 +505,11 @@ def conservative_estimate(
         engine=last.engine,
         models=last.models,
         num_engines=last.num_engines,
+        lora_running=last.lora_running,
+        lora_waiting=last.lora_waiting,
+        max_lora=last.max_lora,
+        cache_blocks=last.cache_blocks,
+        block_size=last.block_size,
+        prefix_hits=last.prefix_hits,
+        prefix_queries=last.prefix_queries,
     )

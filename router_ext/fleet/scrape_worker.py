@@ -16,14 +16,20 @@ CPython has for tuples of str/float/int).
 
 Parent -> child frames:
   ("config", {ScrapeSection fields}, ttft_every, targets)  first frame, once per child
-  ("targets", ((host, port, model), ...))              whenever the pod list changes
-  ("scrape", request_id, ((host, port, model), ...))   on-demand scrape of brand-new pods
+  ("targets", (target, ...))                           whenever the pod list changes
+  ("scrape", request_id, (target, ...))                on-demand scrape of brand-new pods
+with a target (host, port, model, name, uid): the pod's identity travels too, so the child
+lists a new pod instance at a known address at once and tags its listing with it.
 Child -> parent frames:
   ("round", (result, ...))                             one per fixed-rate round
   ("scraped", request_id, (result, ...))               the answer to a "scrape"
 with a result either (address, fetched_at, duration_s, warning, running, waiting, kv,
-ttft_p90, hit_rate, engine, models, num_engines) when ok, or (address, fetched_at, duration_s,
-reason, error) when not. `fetched_at` is `time.monotonic()` in the child: CLOCK_MONOTONIC is
+ttft_p90, hit_rate, engine, models, num_engines, lora_running, lora_waiting, max_lora,
+cache_blocks, block_size, prefix_hits, prefix_queries, listing) when ok, or (address,
+fetched_at, duration_s, reason, error, listing) when not; `listing` is None when the round
+fetched no /v1/models for the pod, else (listed_models, listed_adapters, adapter_parents,
+models_reason, models_error, identity) (frozensets travel as marshal frozensets).
+`fetched_at` is `time.monotonic()` in the child: CLOCK_MONOTONIC is
 system-wide on Linux, so it is directly comparable with the parent's clock.
 
 The child runs the unchanged fixed-rate `Scraper.run` loop. Its life is tied to the parent:
@@ -55,6 +61,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -90,7 +97,7 @@ _WORKER_NICE = 5
 _PR_SET_PDEATHSIG = 1
 _PARENT_ENV = "ROUTER_EXT_SCRAPE_PARENT"
 
-_Target = tuple[str, int, str]
+_Target = tuple[str, int, str, str, str]
 
 
 class ScrapeRunner(Protocol):
@@ -136,7 +143,20 @@ async def read_frame(reader: asyncio.StreamReader) -> Any:
 
 
 def _targets(pods: Sequence[Pod]) -> tuple[_Target, ...]:
-    return tuple((p.host, p.port, p.model) for p in pods)
+    return tuple((p.host, p.port, p.model, p.name, p.uid) for p in pods)
+
+
+def _pods(targets: Sequence[_Target]) -> list[Pod]:
+    return [Pod(host=h, port=p, model=m, name=n, uid=u) for h, p, m, n, u in targets]
+
+
+def _listing(r: ScrapeResult) -> tuple[Any, ...] | None:
+    if r.listed_models is None and not r.models_reason:
+        return None
+    return (
+        r.listed_models, r.listed_adapters, r.adapter_parents, r.models_reason, r.models_error,
+        r.identity,
+    )  # fmt: skip
 
 
 def encode_results(results: Sequence[ScrapeResult]) -> tuple[tuple[Any, ...], ...]:
@@ -148,11 +168,13 @@ def encode_results(results: Sequence[ScrapeResult]) -> tuple[tuple[Any, ...], ..
                 (
                     r.address, r.fetched_at, r.duration_s, r.warning, m.running, m.waiting,
                     m.kv_cache_usage, m.ttft_p90_s, m.prefix_cache_hit_rate, m.engine,
-                    tuple(sorted(m.models)), m.num_engines,
+                    tuple(sorted(m.models)), m.num_engines, m.lora_running, m.lora_waiting,
+                    m.max_lora, m.cache_blocks, m.block_size, m.prefix_hits, m.prefix_queries,
+                    _listing(r),
                 )
             )  # fmt: skip
         else:
-            out.append((r.address, r.fetched_at, r.duration_s, r.reason, r.error))
+            out.append((r.address, r.fetched_at, r.duration_s, r.reason, r.error, _listing(r)))
     return tuple(out)
 
 
@@ -170,7 +192,10 @@ class _MetricsCache:
         hit = self.by_address.get(address)
         if hit is not None and hit[0] == values:
             return hit[1]
-        running, waiting, kv, ttft, hit_rate, engine, models, num_engines = values
+        (
+            running, waiting, kv, ttft, hit_rate, engine, models, num_engines, lora_running,
+            lora_waiting, max_lora, cache_blocks, block_size, prefix_hits, prefix_queries,
+        ) = values  # fmt: skip
         m = EngineMetrics(
             running=running,
             waiting=waiting,
@@ -180,6 +205,13 @@ class _MetricsCache:
             engine=engine,
             models=frozenset(models),
             num_engines=num_engines,
+            lora_running=lora_running,
+            lora_waiting=lora_waiting,
+            max_lora=max_lora,
+            cache_blocks=cache_blocks,
+            block_size=block_size,
+            prefix_hits=prefix_hits,
+            prefix_queries=prefix_queries,
         )
         self.by_address[address] = (values, m)
         return m
@@ -192,30 +224,40 @@ def decode_results(
     cache = cache or _MetricsCache()
     out: list[ScrapeResult] = []
     for row in rows:
-        if len(row) == 5:
-            address, fetched_at, duration_s, reason, error = row
-            out.append(
-                ScrapeResult(
-                    address=address,
-                    ok=False,
-                    fetched_at=fetched_at,
-                    duration_s=duration_s,
-                    reason=reason,
-                    error=error,
-                )
+        if len(row) == 6:
+            address, fetched_at, duration_s, reason, error, listing = row
+            r = ScrapeResult(
+                address=address,
+                ok=False,
+                fetched_at=fetched_at,
+                duration_s=duration_s,
+                reason=reason,
+                error=error,
             )
         else:
             address, fetched_at, duration_s, warning = row[:4]
-            out.append(
-                ScrapeResult(
-                    address=address,
-                    ok=True,
-                    fetched_at=fetched_at,
-                    duration_s=duration_s,
-                    metrics=cache.get(address, row[4:]),
-                    warning=warning,
-                )
+            listing = row[-1]
+            r = ScrapeResult(
+                address=address,
+                ok=True,
+                fetched_at=fetched_at,
+                duration_s=duration_s,
+                metrics=cache.get(address, row[4:-1]),
+                warning=warning,
             )
+        if listing is not None:
+            # Rare (once per pod per models_interval_s): the second construction is cheap.
+            listed, adapters, parents, reason, error, identity = listing
+            r = replace(
+                r,
+                listed_models=listed,
+                listed_adapters=adapters,
+                adapter_parents=parents,
+                models_reason=reason,
+                models_error=error,
+                identity=identity,
+            )
+        out.append(r)
     return out
 
 
@@ -578,7 +620,7 @@ async def _child(frames_in: int, frames_out: int) -> None:
         raise ValueError(f"first frame must be config, got {first[0]!r}")
     cfg = ScrapeSection.model_validate(first[1])
     scraper = Scraper(cfg, ttft_every=int(first[2]))
-    pods = [Pod(host=h, port=p, model=m) for h, p, m in first[3]]
+    pods = _pods(first[3])
     stop = asyncio.Event()
     side: set[asyncio.Task[None]] = set()
 
@@ -593,9 +635,9 @@ async def _child(frames_in: int, frames_out: int) -> None:
         try:
             while (msg := await read_frame(reader)) is not None:
                 if msg[0] == "targets":
-                    pods = [Pod(host=h, port=p, model=m) for h, p, m in msg[1]]
+                    pods = _pods(msg[1])
                 elif msg[0] == "scrape":
-                    wanted = [Pod(host=h, port=p, model=m) for h, p, m in msg[2]]
+                    wanted = _pods(msg[2])
                     t = asyncio.create_task(on_demand(msg[1], wanted))
                     side.add(t)
                     t.add_done_callback(side.discard)

@@ -6,6 +6,11 @@ from one shared iterator: at most `max_concurrency` fetches are in flight, a 10,
 costs 10,000 coroutine calls rather than 10,000 tasks, and a pod's `timeout_s` only starts when a
 worker picks it up, so a pod queued behind a slow batch is not timed out for waiting its turn.
 
+Every `scrape.models_interval_s` a pod's scrape also fetches its `/v1/models` (the base model
+and the LoRA adapters it can serve), after its /metrics, with the same timeout and body cap.
+That fetch is best effort: its failure is a token in `ScrapeResult.models_reason`, never a
+failed scrape, and a pod that does not serve the path (HTTP 404) is simply not listed.
+
 Nothing here logs per pod: every outcome, good or bad, is returned as a `ScrapeResult` with a
 short `reason`, and the lifecycle layer logs once per state change.
 
@@ -25,8 +30,10 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import aiohttp
+import orjson
 
 from router_ext.config import ScrapeSection
 from router_ext.fleet.engine_metrics import (
@@ -37,7 +44,14 @@ from router_ext.fleet.engine_metrics import (
 )
 from router_ext.fleet.snapshot import Pod, ScrapeResult
 
-__all__ = ["DEFAULT_TTFT_EVERY", "Scraper", "classify_error"]
+__all__ = [
+    "DEFAULT_TTFT_EVERY",
+    "ModelListError",
+    "ModelListing",
+    "Scraper",
+    "classify_error",
+    "parse_model_list",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +66,7 @@ _USER_AGENT = "router-ext-scraper"
 # bytes it saves.
 _HEADERS = {"Accept": "text/plain;version=0.0.4", "User-Agent": _USER_AGENT}
 _ON_ROUND_LOG_EVERY_S = 60.0
+_MODELS_HEADERS = {"Accept": "application/json"}
 
 
 def classify_error(exc: BaseException) -> str:
@@ -95,6 +110,59 @@ def _describe(exc: BaseException, limit: int = 200) -> str:
 class _TtftMemo:
     value: float | None
     countdown: int  # successful scrapes left before the next TTFT recomputation
+    # The engine's fixed KV-cache config, read with the TTFT and carried in between.
+    cache_blocks: int | None = None
+    block_size: int | None = None
+    # The page had a LoRA series last time it was looked for: look on every scrape (the
+    # adapter state changes by the second), else only with the TTFT (no scan of the page
+    # for a family a pod without LoRA never has; vLLM keeps it once it appeared).
+    has_lora: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelListing:
+    """A pod's `/v1/models` answer: every listed id, and each adapter's parent."""
+
+    ids: frozenset[str]
+    adapter_parents: tuple[tuple[str, str], ...]  # sorted (adapter, parent)
+
+    @property
+    def adapters(self) -> frozenset[str]:
+        return frozenset(a for a, _ in self.adapter_parents)
+
+
+class ModelListError(ValueError):
+    """A /v1/models body that is not the OpenAI list shape."""
+
+
+def parse_model_list(body: bytes) -> ModelListing:
+    """Parse an OpenAI-style model list (`{"object": "list", "data": [{"id": ...}, ...]}`).
+
+    vLLM lists each LoRA adapter as its own entry with `parent` set to the base model; base
+    models have `parent: null` (or no such key, as SGLang and most servers send). Raises
+    `ModelListError` for a body of another shape: a half-understood listing would tell the
+    router a pod serves less than it does.
+    """
+    try:
+        doc: Any = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise ModelListError(f"not JSON: {e}") from e
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        raise ModelListError("no 'data' list")
+    ids: set[str] = set()
+    parents: dict[str, str] = {}
+    for i, item in enumerate(data):
+        mid = item.get("id") if isinstance(item, dict) else None
+        if not isinstance(mid, str) or not mid:
+            raise ModelListError(f"data[{i}] has no string 'id'")
+        parent = item.get("parent")
+        if parent is not None and not isinstance(parent, str):
+            raise ModelListError(f"data[{i}] ({mid!r}): 'parent' is not a string")
+        ids.add(mid)
+        if parent and parent != mid:
+            parents[mid] = parent
+    return ModelListing(frozenset(ids), tuple(sorted(parents.items())))
 
 
 class Scraper:
@@ -130,6 +198,9 @@ class Scraper:
         self._timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
         self._ttft_every = max(1, ttft_every)
         self._ttft: dict[str, _TtftMemo] = {}
+        # address -> (pod identity, monotonic time its /v1/models is next due). A new pod, or
+        # a new pod instance at a known address, is listed on its first scrape.
+        self._models_due: dict[str, tuple[str, float]] = {}
         self._on_round_error: tuple[str, float, int] | None = None  # (what, logged_at, repeats)
 
     # --- session ---------------------------------------------------------------------------
@@ -164,7 +235,73 @@ class Scraper:
     # --- one pod ---------------------------------------------------------------------------
 
     async def scrape_one(self, pod: Pod) -> ScrapeResult:
-        """Fetch and parse one pod; never raises (except on cancellation).
+        """Fetch and parse one pod's /metrics, and its /v1/models when due; never raises
+        (except on cancellation).
+
+        The listing is fetched when due, unless the metrics fetch could not connect or timed
+        out (the pod is down or hung: a second request would only double the wait); it is
+        then fetched on the pod's next answered scrape. The listing's outcome never changes
+        the metrics outcome.
+        """
+        r = await self._scrape_metrics(pod)
+        if r.is_connection_failure or r.reason == "timeout":
+            return r
+        identity = pod.identity
+        due = self._models_due.get(pod.address)
+        if due is not None and due[0] == identity and r.fetched_at < due[1]:
+            return r
+        self._models_due[pod.address] = (identity, r.fetched_at + self.cfg.models_interval_s)
+        listing, reason, message = await self.fetch_models(pod)
+        if listing is None:
+            if not reason:
+                return r
+            return replace(r, models_reason=reason, models_error=message, identity=identity)
+        return replace(
+            r,
+            listed_models=listing.ids,
+            listed_adapters=listing.adapters,
+            adapter_parents=listing.adapter_parents,
+            identity=identity,
+        )
+
+    async def fetch_models(self, pod: Pod) -> tuple[ModelListing | None, str, str]:
+        """GET the pod's `scrape.models_path`: (listing, reason, message).
+
+        (listing, "", "") on success; (None, "", "") when the pod does not serve the path
+        (HTTP 404: not every server has it, and that is no fault); else (None, reason, a
+        human message) with reason a `classify_error` token, `http_<status>`, `too_large`
+        (over `scrape.max_body_bytes`) or `parse`. Same timeout as a metrics fetch.
+        """
+        address = pod.address
+        try:
+            async with self._get_session().get(
+                f"http://{address}{self.cfg.models_path}",
+                timeout=self._timeout,
+                allow_redirects=False,
+                headers=_MODELS_HEADERS,
+            ) as resp:
+                if resp.status == 404:
+                    return None, "", ""
+                if resp.status != 200:
+                    why = f"{address}: {self.cfg.models_path}: HTTP {resp.status}"
+                    return None, f"http_{resp.status}", why
+                body = await self._read_capped(resp)
+                if body is None:
+                    resp.close()
+                    cap = self.cfg.max_body_bytes
+                    why = f"{address}: {self.cfg.models_path} body over {cap:,} bytes"
+                    return None, "too_large", why
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            return None, classify_error(e), f"{address}: {self.cfg.models_path}: {_describe(e)}"
+        try:
+            return parse_model_list(body), "", ""
+        except ModelListError as e:
+            return None, "parse", f"{address}: {self.cfg.models_path}: {e}"
+
+    async def _scrape_metrics(self, pod: Pod) -> ScrapeResult:
+        """Fetch and parse one pod's /metrics; never raises (except on cancellation).
 
         The whole fetch (connect, request, body) is bounded by `cfg.timeout_s`. `duration_s`
         covers fetch + parse; `fetched_at` is `time.monotonic()` when it finished. aiohttp
@@ -207,7 +344,10 @@ class Scraper:
         memo = self._ttft.get(address)
         want_ttft = memo is None or memo.countdown <= 0
         try:
-            metrics, warning = parse_engine_page(text, pod.model or None, ttft=want_ttft)
+            want_lora = want_ttft or (memo is not None and memo.has_lora)
+            metrics, warning = parse_engine_page(
+                text, pod.model or None, ttft=want_ttft, cache_config=want_ttft, lora=want_lora
+            )
         except NoUsableValuesError as e:
             return self._fail(address, t0, "no_usable_values", f"{address}: {e}")
         except NoKnownMetricsError as e:
@@ -219,11 +359,22 @@ class Scraper:
             # First sight: spread the pods' recomputations over `ttft_every` scrapes.
             every = self._ttft_every
             countdown = (zlib.crc32(address.encode()) % every) if memo is None else every - 1
-            self._ttft[address] = _TtftMemo(metrics.ttft_p90_s, countdown)
+            self._ttft[address] = _TtftMemo(
+                metrics.ttft_p90_s,
+                countdown,
+                metrics.cache_blocks,
+                metrics.block_size,
+                metrics.max_lora is not None or bool(metrics.lora_running | metrics.lora_waiting),
+            )
         elif memo is not None:
             memo.countdown -= 1
-            if memo.value is not None:
-                metrics = replace(metrics, ttft_p90_s=memo.value)
+            if memo.value is not None or memo.cache_blocks is not None:
+                metrics = replace(
+                    metrics,
+                    ttft_p90_s=memo.value,
+                    cache_blocks=memo.cache_blocks,
+                    block_size=memo.block_size,
+                )
 
         now = time.monotonic()
         return ScrapeResult(
@@ -299,11 +450,12 @@ class Scraper:
         return [r for r in results if r is not None]
 
     def _forget_departed(self, pods: Sequence[Pod]) -> None:
-        """Drop the TTFT memo of pods no longer scraped (after a full round)."""
-        if len(self._ttft) > len(pods):
-            live = {p.address for p in pods}
-            for address in [a for a in self._ttft if a not in live]:
-                del self._ttft[address]
+        """Drop the memos of pods no longer scraped (after a full round)."""
+        for memo in (self._ttft, self._models_due):
+            if len(memo) > len(pods):
+                live = {p.address for p in pods}
+                for address in [a for a in memo if a not in live]:
+                    del memo[address]
 
     # --- the loop --------------------------------------------------------------------------
 

@@ -34,6 +34,11 @@ class Pod:
     port: int
     name: str = ""
     model: str = ""
+    # Base models and adapters discovery says the pod serves; always includes `model` (if set).
+    # Empty: discovery does not say (the pod's own reports may still tell, see PodStatus.served).
+    # Stored as that union, so `dataclasses.replace(pod, model=new)` keeps the old model in it:
+    # pass `models=` too when changing the model.
+    models: frozenset[str] = frozenset()
     ready: bool = True
     draining: bool = False
     # Discovery's unique id for this pod instance (Kubernetes: metadata.uid); optional.
@@ -44,6 +49,10 @@ class Pod:
     def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
         object.__setattr__(self, "address", f"{host}:{self.port}")
+        if self.model and self.model not in self.models:
+            object.__setattr__(self, "models", frozenset(self.models) | {self.model})
+        elif not isinstance(self.models, frozenset):
+            object.__setattr__(self, "models", frozenset(self.models))
 
     @property
     def label(self) -> str:
@@ -72,8 +81,22 @@ class EngineMetrics:
     ttft_p90_s: float | None = None  # from the TTFT histogram, cumulative since start
     prefix_cache_hit_rate: float | None = None
     engine: str = "vllm"  # "vllm", "vllm-v0", "sglang", "trtllm"
-    models: frozenset[str] = frozenset()
+    models: frozenset[str] = frozenset()  # the pages' `model_name` labels
     num_engines: int = 1
+    # LoRA adapters from the newest `vllm:lora_requests_info` series (BACKGROUND §6): empty
+    # sets and None when the engine exports no such series (no adapter loaded yet, or no LoRA).
+    lora_running: frozenset[str] = frozenset()
+    lora_waiting: frozenset[str] = frozenset()
+    max_lora: int | None = None  # adapter slots
+    # KV capacity from `vllm:cache_config_info` (`sglang:cache_config_info` page_size /
+    # num_pages): blocks summed over data-parallel engines (each owns its cache), tokens per
+    # block. Capacity in tokens = cache_blocks * block_size.
+    cache_blocks: int | None = None
+    block_size: int | None = None
+    # Raw cumulative prefix-cache counters in tokens, summed over engines (vLLM V1 only): a
+    # rate over a window is the achieved hit rate; a counter that went down means a restart.
+    prefix_hits: float | None = None
+    prefix_queries: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +115,20 @@ class ScrapeResult:
     # Set on a good scrape whose page needed repair (negative gauges clamped to 0, NaN/Inf
     # series skipped): the metrics are usable, but the operator is told once per pod and text.
     warning: str = ""
+    # The pod's /v1/models, fetched every scrape.models_interval_s (not every scrape): None
+    # when not fetched this time (keep the previous listing) or not served (HTTP 404); else
+    # every listed id, and the subset that are adapters (entries with a `parent`).
+    listed_models: frozenset[str] | None = None
+    listed_adapters: frozenset[str] | None = None
+    # (adapter, parent) for each listed adapter, sorted: what GET /v1/models answers.
+    adapter_parents: tuple[tuple[str, str], ...] = ()
+    # Short token when the /v1/models fetch failed ("timeout", "http_500", "parse", ...; see
+    # scraper.classify_error): counted, never a failure of the metrics scrape.
+    models_reason: str = ""
+    models_error: str = ""  # the human message for models_reason
+    # Pod.identity of the pod the fetch was made for: a listing that was in flight while
+    # another pod took over the address is not credited to the newcomer.
+    identity: str = ""
 
     @property
     def is_connection_failure(self) -> bool:
@@ -114,11 +151,29 @@ class PodStatus:
     # What metric strategies score this pod by: live metrics when warm, a conservative
     # estimate when cold or stale (see lifecycle.conservative_estimate). None: no estimate.
     score_metrics: EngineMetrics | None = None
+    # Every model name the pod is known to serve: discovery's models, the pages' model_name
+    # labels, its /v1/models listing and the LoRA adapters running or waiting on it. Empty:
+    # nothing known yet (see Snapshot.by_model for how routing treats such a pod).
+    served: frozenset[str] = frozenset()
+    # The subset of `served` that are LoRA adapters (listed with a parent, or seen in
+    # vllm:lora_requests_info); the rest are base models, as far as the pod tells.
+    adapters: frozenset[str] = frozenset()
+    # (adapter, parent) pairs from the pod's /v1/models listing.
+    adapter_parents: tuple[tuple[str, str], ...] = ()
 
     address: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", self.pod.address)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCard:
+    """One entry of the router's own `GET /v1/models` answer."""
+
+    id: str
+    parent: str | None  # the base model of an adapter; None for a base model (or unknown)
+    pods: int  # routable pods serving it
 
 
 @dataclass(frozen=True)
@@ -143,6 +198,19 @@ class Snapshot:
     index_of: dict[str, int] = field(default_factory=dict)
     # Every routable pod is warm and queues at least routing.saturation_queue requests.
     saturated: bool = False
+    # Served model name (base model or adapter) -> the routable pods serving it, in `pods`
+    # order. A routable pod with an empty `served` set (nothing known about its models yet:
+    # no discovery model, no page, no listing) is under no name. A model filter should treat
+    # such pods as candidates only when no routable pod has model information at all (then
+    # `by_model` is empty and the pool is effectively single-model); as soon as any pod tells
+    # what it serves, route a model's requests to `by_model[model]` alone, so a request never
+    # reaches a pod that may serve something else.
+    by_model: dict[str, tuple[PodStatus, ...]] = field(default_factory=dict)
+    # Union over routable pods, sorted by id: what the router answers to GET /v1/models.
+    models: tuple[ModelCard, ...] = ()
+    # More than one base model among routable pods: a request that names no model is then
+    # ambiguous (400) instead of routed.
+    multi_model: bool = False
 
     @staticmethod
     def build(
@@ -160,6 +228,7 @@ class Snapshot:
             for m in (p.metrics for p in warm)
             if m is not None and m.kv_cache_usage is not None and m.running > 0
         ]
+        by_model, cards, multi = _model_views(routable)
         return Snapshot(
             version=version,
             created_at=created_at,
@@ -179,6 +248,9 @@ class Snapshot:
                 and p.metrics.waiting >= saturation_queue
                 for p in routable
             ),
+            by_model=by_model,
+            models=cards,
+            multi_model=multi,
         )
 
     def get(self, address: str) -> PodStatus | None:
@@ -187,6 +259,45 @@ class Snapshot:
 
 
 EMPTY_SNAPSHOT = Snapshot(version=0, created_at=0.0, pods=())
+
+
+def _model_views(
+    routable: tuple[PodStatus, ...],
+) -> tuple[dict[str, tuple[PodStatus, ...]], tuple[ModelCard, ...], bool]:
+    """by_model, the /v1/models cards and multi_model, in one pass over the routable pods.
+
+    A name counts as an adapter pool-wide if any pod reports it as one: discovery lists names
+    without saying which are adapters, and one pod's listing tells for all. An adapter whose
+    parent no listing names gets its pod's base model as parent when that pod has exactly one.
+    """
+    members: dict[str, list[PodStatus]] = {}
+    adapters: set[str] = set()
+    parents: dict[str, set[str]] = {}
+    for p in routable:
+        for name in p.served:
+            members.setdefault(name, []).append(p)
+        if p.adapters:
+            adapters |= p.adapters
+            for a, parent in p.adapter_parents:
+                parents.setdefault(a, set()).add(parent)
+    for p in routable:
+        missing = [a for a in p.adapters if a not in parents]
+        if missing:
+            bases = p.served - adapters
+            if len(bases) == 1:
+                (base,) = bases
+                for a in missing:
+                    parents.setdefault(a, set()).add(base)
+    cards = tuple(
+        ModelCard(
+            id=name,
+            parent=min(parents[name]) if name in adapters and name in parents else None,
+            pods=len(members[name]),
+        )
+        for name in sorted(members)
+    )
+    base_models = sum(1 for name in members if name not in adapters)
+    return {k: tuple(v) for k, v in members.items()}, cards, base_models > 1
 
 
 def _median(xs: list[float]) -> float:

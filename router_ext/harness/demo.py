@@ -1,9 +1,11 @@
 """`router-ext demo`: simulator + router + a real Envoy on loopback, with live traffic.
 
 Shows what a platform team would see: requests spread over pods by the router's strategy, a
-live per-pod table (served, in flight, queue, KV use, router state), and on exit a summary
-with failures and Envoy's retry counts. Fault flags kill a pod or the router mid-run, or add
-a cold pod, so failover and cold start can be watched, not just read about.
+live per-pod table (served, in flight, queue, KV use, prefix-cache hit rate, loaded LoRA
+adapters, router state), and on exit a summary with failures and Envoy's retry counts. Fault
+flags kill a pod or the router mid-run, or add a cold pod, so failover and cold start can be
+watched, not just read about. `--workload` picks the traffic (`router_ext.harness.workloads`);
+`--models N` runs N models in the simulated fleet.
 """
 
 from __future__ import annotations
@@ -16,27 +18,130 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
-from router_ext.config import STRATEGY_NAMES
+from router_ext.config import ConfigError, RouterConfig
 from router_ext.fleet.engine_metrics import MetricsParseError, parse_engine_metrics
-from router_ext.harness.loadgen import LoadSpec, Result, closed_loop, percentile
+from router_ext.harness.kube_stack import KubeStack
+from router_ext.harness.loadgen import LoadSpec, Result, breakdown, closed_loop, percentile
 from router_ext.harness.stack import Stack, StackOptions
+from router_ext.harness.workloads import WORKLOADS, Workload, make_workload
+from router_ext.routing.profiles import BUILTIN_PROFILES
+
+#: LoRA adapters per model with `--workload multi-model` (served and asked for).
+DEMO_ADAPTERS = 2
+#: The profile a workload is meant to show, when the router has it; else least-request.
+WORKLOAD_STRATEGY = {"shared-prefix": "prefix-aware", "multi-turn": "session"}
+FALLBACK_STRATEGY = "least-request"
+
+
+class DemoError(Exception):
+    """A demo flag that cannot be honoured; the message is shown to the user as is."""
+
+
+def demo_models(n: int) -> list[str]:
+    """`sim-model` alone (what a one-model fleet always served), else sim-model-0..n-1."""
+    if n < 1:
+        raise DemoError("--models must be >= 1")
+    return ["sim-model"] if n == 1 else [f"sim-model-{i}" for i in range(n)]
+
+
+def load_router_overrides(path: str | None) -> dict[str, Any]:
+    """The `--router-config` YAML as a mapping (checked as a whole router config)."""
+    if path is None:
+        return {}
+    try:
+        raw: Any = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise DemoError(f"--router-config {path}: cannot read: {e}") from e
+    if not isinstance(raw, dict):
+        raise DemoError(f"--router-config {path}: top level must be a mapping")
+    return raw
+
+
+def _routing(overrides: Mapping[str, Any]) -> Mapping[str, Any]:
+    routing = overrides.get("routing")
+    return routing if isinstance(routing, Mapping) else {}
+
+
+def known_strategies(overrides: Mapping[str, Any]) -> tuple[str, ...]:
+    """Every profile the router will know: its built-ins, then the configured ones."""
+    configured = _routing(overrides).get("profiles")
+    if not isinstance(configured, Mapping):
+        configured = {}
+    return (*BUILTIN_PROFILES, *(n for n in configured if n not in BUILTIN_PROFILES))
+
+
+def resolve_strategy(requested: str | None, workload: str, overrides: Mapping[str, Any]) -> str:
+    """The profile to run: the one asked for; else the config's default_strategy; else the
+    workload's own profile if the router has it; else least-request. The whole router config
+    is checked with it in place, so a bad profile is refused here, with its field named, and
+    not as a router that never starts."""
+    known = known_strategies(overrides)
+    if requested is None:
+        configured = _routing(overrides).get("default_strategy")
+        wanted = configured or WORKLOAD_STRATEGY.get(workload, FALLBACK_STRATEGY)
+        requested = wanted if wanted in known else FALLBACK_STRATEGY
+    if requested not in known:
+        raise DemoError(f"unknown strategy {requested!r}; known: {', '.join(known)}")
+    raw = {**overrides, "routing": {**_routing(overrides), "default_strategy": requested}}
+    try:
+        RouterConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise DemoError(f"router config: {problems}") from e
+    return requested
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pods", type=int, default=4, help="simulated pods (default 4)")
     p.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
     p.add_argument("--json", action="store_true", help="print one JSON summary, no live table")
-    p.add_argument("--strategy", default="least-request", choices=STRATEGY_NAMES)
+    p.add_argument(
+        "--strategy",
+        help="routing profile: a built-in or one in --router-config (default: prefix-aware for "
+        "shared-prefix, session for multi-turn, when the router has them; else least-request)",
+    )
+    p.add_argument(
+        "--workload",
+        default="uniform",
+        choices=WORKLOADS,
+        help="traffic shape (default uniform: short random prompts)",
+    )
+    p.add_argument(
+        "--models",
+        type=int,
+        default=1,
+        metavar="N",
+        help="models in the simulated fleet: sim-model, or sim-model-0..N-1 (with "
+        f"--workload multi-model also {DEMO_ADAPTERS} LoRA adapters each)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    p.add_argument(
+        "--router-config",
+        metavar="YAML",
+        help="router config merged into the demo's (e.g. routing.profiles to try)",
+    )
     p.add_argument("--concurrency", type=int, default=12, help="client concurrency (default 12)")
-    p.add_argument("--max-tokens", type=int, default=24, help="tokens per response")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        help="tokens per response (default 24; the workload's own for shared-prefix and "
+        "multi-turn)",
+    )
     p.add_argument("--stream", action="store_true", help="streaming (SSE) chat requests")
     p.add_argument("--speeds", help="per-pod speed factors, e.g. 1,1,0.5,0.5")
     p.add_argument("--kill-pod-after", type=float, metavar="S", help="kill one pod after S s")
@@ -52,14 +157,105 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         help="add a pod whose metrics appear only after --cold-delay s",
     )
     p.add_argument("--cold-delay", type=float, default=10.0, help="metrics delay of that pod")
+    p.add_argument(
+        "--discovery",
+        choices=("file", "kubernetes"),
+        default="file",
+        help="file: the pods file; kubernetes: a fake Kubernetes API server with the sim pods "
+        "as EndpointSlices, the router discovering them from it (list + watch)",
+    )
     p.add_argument("--workdir", help="keep configs and logs here (default: a temp dir)")
     p.add_argument("--verbose", action="store_true", help="show router/Envoy log lines")
 
 
+@dataclass(frozen=True, slots=True)
+class PodReading:
+    """What the table shows of one pod, read from the pod's own /metrics."""
+
+    running: float
+    waiting: float
+    kv_usage: float | None
+    prefix_hits: float  # tokens, summed over engines and models
+    prefix_queries: float
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(n for n in (x.strip() for x in value.split(",")) if n)
+
+
+def read_pod_metrics(text: str) -> PodReading:
+    """A pod's load, prefix-cache counters and adapters from its Prometheus text.
+
+    `vllm:lora_requests_info` gets a new series each time its adapters change, valued with the
+    time of the change: the series with the largest value is the current one.
+    """
+    m = parse_engine_metrics(text)
+    hits = queries = 0.0
+    lora: tuple[float, Mapping[str, str]] | None = None
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == "vllm:prefix_cache_hits_total":
+                hits += smp.value
+            elif smp.name == "vllm:prefix_cache_queries_total":
+                queries += smp.value
+            elif smp.name == "vllm:lora_requests_info" and (lora is None or smp.value > lora[0]):
+                lora = (smp.value, smp.labels)
+    labels = lora[1] if lora is not None else {}
+    return PodReading(
+        running=m.running,
+        waiting=m.waiting,
+        kv_usage=m.kv_cache_usage,
+        prefix_hits=hits,
+        prefix_queries=queries,
+        running_adapters=_names(labels.get("running_lora_adapters", "")),
+        waiting_adapters=_names(labels.get("waiting_lora_adapters", "")),
+    )
+
+
+class PrefixCounters:
+    """Per-pod prefix-cache hits and queries accumulated over the run.
+
+    The first reading of a pod present at the start is its baseline; a pod first seen later
+    (added, or unreachable at the start) counts from zero, as its counters did. A counter that
+    went down means the pod restarted: its new value is all new.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, float]] = {}
+        self.hits: defaultdict[str, float] = defaultdict(float)
+        self.queries: defaultdict[str, float] = defaultdict(float)
+
+    def baseline(self, pod: str, hits: float, queries: float) -> None:
+        self._last[pod] = (hits, queries)
+
+    def update(self, pod: str, hits: float, queries: float) -> None:
+        last_h, last_q = self._last.get(pod, (0.0, 0.0))
+        if hits < last_h or queries < last_q:
+            last_h = last_q = 0.0
+        self.hits[pod] += hits - last_h
+        self.queries[pod] += queries - last_q
+        self._last[pod] = (hits, queries)
+
+    def rate(self, pod: str | None = None) -> float | None:
+        """Hits / queries for one pod, or the fleet; None before any query."""
+        if pod is None:
+            h, q = sum(self.hits.values()), sum(self.queries.values())
+        else:
+            h, q = self.hits.get(pod, 0.0), self.queries.get(pod, 0.0)
+        return h / q if q > 0 else None
+
+
 class _Demo:
-    def __init__(self, args: argparse.Namespace, stack: Stack) -> None:
+    def __init__(self, args: argparse.Namespace, stack: Stack, models: list[str]) -> None:
         self.args = args
         self.stack = stack
+        self.models = models
+        self.readings: dict[str, PodReading] = {}
+        self.prefix = PrefixCounters()
+        # A cancelled poll's thread may still be reading when the summary's final poll runs.
+        self._poll_lock = threading.Lock()
         self.results: list[Result] = []
         self.served: Counter[str] = Counter()
         self.failed = 0
@@ -118,6 +314,8 @@ class _Demo:
             )
             addr = info.get("address", "?") if isinstance(info, dict) else "?"
             st.pods[name] = addr
+            if isinstance(st, KubeStack):
+                st.register(name, addr)
             self.event(f"added cold pod {name} ({addr}), metrics in {self.args.cold_delay:.0f}s")
 
     # --- live table --------------------------------------------------------------------
@@ -135,32 +333,67 @@ class _Demo:
         return out
 
     @staticmethod
-    def _pod_metrics(address: str) -> tuple[str, str, str]:
+    def _read_pod(address: str) -> PodReading | None:
         try:
             with urllib.request.urlopen(f"http://{address}/metrics", timeout=0.3) as resp:
-                m = parse_engine_metrics(resp.read().decode())
-        except (OSError, MetricsParseError):
-            return "-", "-", "-"
-        kv = f"{m.kv_cache_usage * 100:4.0f}%" if m.kv_cache_usage is not None else "-"
-        return f"{m.running:.0f}", f"{m.waiting:.0f}", kv
+                return read_pod_metrics(resp.read().decode())
+        except (OSError, ValueError, MetricsParseError):
+            return None
+
+    def poll_pods(self, *, baseline: bool = False) -> None:
+        """Read every pod's /metrics; the first call (baseline) marks the start of the run."""
+        with self._poll_lock:
+            readings: dict[str, PodReading] = {}
+            for name, addr in list(self.stack.pods.items()):
+                r = self._read_pod(addr)
+                if r is None:
+                    continue
+                readings[name] = r
+                if baseline:
+                    self.prefix.baseline(name, r.prefix_hits, r.prefix_queries)
+                else:
+                    self.prefix.update(name, r.prefix_hits, r.prefix_queries)
+            self.readings = readings
+
+    async def poll(self, stop: asyncio.Event) -> None:
+        # In --json mode too: a pod restarted mid-run resets its counters, and only readings
+        # taken along the way can tell a reset from a quiet pod.
+        while not stop.is_set():
+            await asyncio.to_thread(self.poll_pods)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
 
     def table(self) -> str:
         states = self._pod_states()
         total = sum(self.served.values())
         lines = [
-            f"router-ext demo: {self.args.strategy}, {len(self.stack.pods)} pods, "
-            f"{self.args.concurrency} concurrent clients, t={time.monotonic() - self.t0:5.1f}s",
+            f"router-ext demo: {self.args.strategy}, workload {self.args.workload}, "
+            f"{len(self.stack.pods)} pods, {self.args.concurrency} concurrent clients, "
+            f"t={time.monotonic() - self.t0:5.1f}s",
             f"{'pod':8} {'address':22} {'state':12} {'served':>7} {'share':>6} "
-            f"{'running':>7} {'waiting':>7} {'kv':>5}",
+            f"{'running':>7} {'waiting':>7} {'kv':>5} {'prefix':>6}  adapters",
         ]
         for name, addr in self.stack.pods.items():
-            run, wait, kv = self._pod_metrics(addr)
+            r = self.readings.get(name)
+            run = wait = kv = "-"
+            adapters = ""
+            if r is not None:
+                run, wait = f"{r.running:.0f}", f"{r.waiting:.0f}"
+                kv = f"{r.kv_usage * 100:4.0f}%" if r.kv_usage is not None else "-"
+                adapters = ",".join(r.running_adapters)
+                if r.waiting_adapters:
+                    adapters += f" (waiting: {','.join(r.waiting_adapters)})"
+            hit = self.prefix.rate(name)
+            prefix = f"{hit * 100:5.1f}%" if hit is not None else "-"
             n = self.served.get(name, 0)
             share = f"{100 * n / total:5.1f}%" if total else "    -"
             lines.append(
                 f"{name:8} {addr:22} {states.get(name, '?'):12} {n:7d} {share:>6} "
-                f"{run:>7} {wait:>7} {kv:>5}"
+                f"{run:>7} {wait:>7} {kv:>5} {prefix:>6}  {adapters or '-'}"
             )
+        fleet = self.prefix.rate()
+        if fleet is not None:
+            lines.append(f"prefix-cache hit rate (fleet, tokens): {fleet * 100:.1f}%")
         lines.append(f"requests: {len(self.results)} ok: {total} failed: {self.failed}")
         lines.extend(self.events[-5:])
         return "\n".join(lines)
@@ -175,6 +408,7 @@ class _Demo:
 
     # --- summary -----------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
+        self.poll_pods()
         lat = [r.latency_s for r in self.results if r.ok]
         stats: dict[str, float] = {}
         try:
@@ -190,6 +424,9 @@ class _Demo:
             "requests_failed": sum(1 for r in self.results if not r.ok),
             "per_pod": dict(sorted(self.served.items())),
             "strategy": self.args.strategy,
+            "workload": self.args.workload,
+            "models": self.models,
+            "stream": self.args.stream,
             "strategies_used": dict(Counter(r.strategy for r in self.results if r.ok)),
             "latency_p50_ms": round(percentile(lat, 50) * 1000, 2) if lat else None,
             "latency_p99_ms": round(percentile(lat, 99) * 1000, 2) if lat else None,
@@ -202,22 +439,54 @@ class _Demo:
             "ext_proc_failure_mode_allowed": int(
                 stats.get("http.ingress.ext_proc.failure_mode_allowed", 0)
             ),
+            "prefix_cache_hit_rate": _round(self.prefix.rate()),
+            "prefix_cache_hit_rate_per_pod": {
+                name: _round(self.prefix.rate(name)) for name in sorted(self.prefix.queries)
+            },
+            # TTFT is the first SSE chunk with --stream, the whole response without it.
+            "per_model": breakdown(self.results, lambda r: r.model),
             "errors": dict(errors.most_common(5)),
             "events": self.events,
         }
 
 
+def _round(x: float | None) -> float | None:
+    return round(x, 4) if x is not None else None
+
+
+def demo_workload(args: argparse.Namespace, models: Sequence[str]) -> Workload:
+    params: dict[str, Any] = {"stream": args.stream}
+    if args.workload in ("uniform", "multi-model"):
+        params["max_tokens"] = args.max_tokens or 24
+    else:
+        params["seed"] = args.seed
+        if args.max_tokens:
+            params["output_tokens"] = args.max_tokens
+    if args.workload == "multi-model":
+        params["adapters"] = DEMO_ADAPTERS
+    return make_workload(args.workload, models=models, **params)
+
+
+def demo_sim_args(args: argparse.Namespace, models: Sequence[str]) -> list[str]:
+    sim_args: list[str] = ["--seed", "7"]
+    if args.speeds:
+        sim_args += ["--speeds", args.speeds]
+    if len(models) > 1:
+        sim_args += ["--models", ",".join(models)]
+    if args.workload == "multi-model":
+        sim_args += ["--adapters", str(DEMO_ADAPTERS)]
+    return sim_args
+
+
 async def _run(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
-    demo = _Demo(args, stack)
-    spec = LoadSpec(
-        url=stack.url + "/v1/chat/completions",
-        max_tokens=args.max_tokens,
-        stream=args.stream,
-    )
+    models = demo_models(args.models)
+    demo = _Demo(args, stack, models)
+    spec = LoadSpec(url=stack.url, workload=demo_workload(args, models))
     stop = asyncio.Event()
     # Ctrl-C ends the run cleanly: in-flight requests finish, then the summary prints.
     asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
-    tasks = [asyncio.create_task(demo.faults())]
+    await asyncio.to_thread(demo.poll_pods, baseline=True)
+    tasks = [asyncio.create_task(demo.faults()), asyncio.create_task(demo.poll(stop))]
     if not args.json:
         tasks.append(asyncio.create_task(demo.live(stop)))
     try:
@@ -225,6 +494,7 @@ async def _run(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
             spec,
             args.concurrency,
             duration_s=args.duration,
+            seed=args.seed,
             stop=stop,
             on_result=demo.on_result,
         )
@@ -237,16 +507,23 @@ async def _run(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    try:
+        models = demo_models(args.models)
+        overrides = load_router_overrides(args.router_config)
+        args.strategy = resolve_strategy(args.strategy, args.workload, overrides)
+        demo_workload(args, models)  # bad workload parameters fail before anything starts
+    except (DemoError, ConfigError, ValueError) as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="router-ext-"))
-    sim_args: list[str] = ["--seed", "7"]
-    if args.speeds:
-        sim_args += ["--speeds", args.speeds]
-    stack = Stack(
+    stack_class = KubeStack if getattr(args, "discovery", "file") == "kubernetes" else Stack
+    stack = stack_class(
         workdir,
         StackOptions(
             pods=args.pods,
             strategy=args.strategy,
-            sim_args=sim_args,
+            sim_args=demo_sim_args(args, models),
+            router_overrides=overrides,
             router_log_level="info" if args.verbose else "warning",
         ),
     )

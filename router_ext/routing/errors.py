@@ -56,3 +56,37 @@ NO_POD = ClientError(
     code="no_pod_available",
     details="router_ext_no_pod",
 )
+
+
+def model_not_found(model: str) -> ClientError:
+    """404 for a model no pod serves, worded as vLLM words it (its clients match on that)."""
+    shown = model if len(model) <= 128 else model[:125] + "..."
+    return ClientError(
+        status=404,
+        message=f"The model `{shown}` does not exist.",
+        type="NotFoundError",
+        code="model_not_found",
+        details="router_ext_model_not_found",
+    )
+
+
+MODEL_REQUIRED = ClientError(
+    status=400,
+    message=(
+        "the request body names no model, and this endpoint serves several: set `model` "
+        "(GET /v1/models lists them)"
+    ),
+    type="invalid_request_error",
+    code="model_required",
+    details="router_ext_model_required",
+)
+
+INVALID_BODY = ClientError(
+    status=400,
+    message=(
+        "the request body is not JSON, so it names no model, and this endpoint serves several"
+    ),
+    type="invalid_request_error",
+    code="invalid_request_body",
+    details="router_ext_invalid_body",
+)

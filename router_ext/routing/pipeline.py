@@ -25,13 +25,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from router_ext.config import ProfileSpec, RoutingSection
+from router_ext.config import MODEL_NOT_JSON, ProfileSpec, RoutingSection
 from router_ext.fleet.snapshot import PodStatus
 from router_ext.routing import registry
 from router_ext.routing.context import RequestContext
+from router_ext.routing.errors import INVALID_BODY, MODEL_REQUIRED, ClientError, model_not_found
 from router_ext.routing.plugins import Filter, Picker, Scorer, overrides
 from router_ext.routing.stats import HotPathStats, PluginCost
-from router_ext.routing.view import Decision, NoPodError, PoolView
+from router_ext.routing.view import Decision, ModelPool, NoPodError, PoolView
 
 log = logging.getLogger("router_ext.routing")
 
@@ -58,6 +59,8 @@ class Plan:
     abstained: tuple[tuple[str, str], ...] = ()
     # The fast path: the only active scorer offers Scorer.rank and the picker is order-only.
     ranked: tuple[Scorer[Any], Any, PluginCost] | None = None
+    # Active scorers that name pods worth comparing beyond the sample (Scorer.hint).
+    hinters: tuple[tuple[Scorer[Any], Any], ...] = ()
 
 
 @dataclass(slots=True)
@@ -75,19 +78,19 @@ class Trace:
 
 def finish(
     view: PoolView,
+    mp: ModelPool,
     ordered: list[PodStatus],
     rng: random.Random,
     want: int,
     used: str,
     degraded: str = "",
 ) -> Decision:
-    """Apply slow start to the primary, fill fallbacks, count the pick."""
-    snap = view.snapshot
+    """Apply slow start to the primary, fill fallbacks from the same pool, count the pick."""
     started = view.started
     # Slow start: a ramping pod may take at most `ramp` x its fair share of this scrape
     # window's picks (+1, so it is never starved). A cap, not a probability: several idle
     # new pods cannot jointly take most of the traffic however the profile ranks them.
-    fair = (view.total + 1) / (len(snap.routable) or 1)
+    fair = (view.total + 1) / (len(view.snapshot.routable) or 1)
     primary_i = 0
     for i, p in enumerate(ordered):
         if p.ramp >= 1.0 or started[p.index] < p.ramp * fair + 1.0:
@@ -97,20 +100,85 @@ def finish(
         ordered.insert(0, ordered.pop(primary_i))
     out = ordered[:want]
     if len(out) < want:
-        out = _fill(out, snap.routable, want, rng)
-    if len(out) < want and snap.draining:
+        out = _fill(out, mp.routable, want, rng)
+    if len(out) < want and mp.draining:
         # Draining pods: never a primary while others exist, but a last-resort fallback.
-        out = _fill(out, snap.draining, want, rng)
-    if len(out) > 1 and snap.warm and all(p.metrics is None for p in out):
+        out = _fill(out, mp.draining, want, rng)
+    warm = mp.warm
+    if len(out) > 1 and warm and all(p.metrics is None for p in out):
         # Every entry is a pod the router has never seen answer (new, cold). If they are all
         # dead on arrival (197 unstarted pods added to a 3-pod fleet), Envoy's retries would
         # walk only dead pods: the last fallback is always one that answered recently.
-        out[-1] = snap.warm[rng.randrange(len(snap.warm))]
+        out[-1] = warm[rng.randrange(len(warm))]
     i = out[0].index
     view.picks[i] += 1
     started[i] += 1
     view.total += 1
     return Decision(tuple(out), used, degraded)
+
+
+class Rejected(Exception):
+    """The request cannot be served as asked: answer the client with `error`."""
+
+    def __init__(self, error: ClientError, outcome: str) -> None:
+        super().__init__(error.code)
+        self.error = error
+        self.outcome = outcome  # decision-counter label: "bad_request" or "unknown_model"
+
+
+def pool_for(ctx: RequestContext, view: PoolView) -> ModelPool:
+    """The pods this request may go to (the model stage, before sampling).
+
+    - No model named: a single-model pool serves it; a multi-model pool cannot guess (400),
+      except for requests without a body (GET), which any pod answers.
+    - A model some routable pod serves: those pods, and only those, for primary and fallbacks.
+    - A model no pod is known to serve: pods nothing is known about yet (no model list from
+      discovery, metrics or /v1/models) may serve it, so they get it; when every pod's list is
+      known, it is a 404 as vLLM would answer.
+    """
+    assert view.all is not None  # set by make_view / PoolView
+    model = ctx.model
+    if model is None:
+        hdr = ctx.model_header
+        if hdr is None or not view.snapshot.multi_model:
+            return view.all
+        if hdr == MODEL_NOT_JSON:
+            raise Rejected(INVALID_BODY, "bad_request")
+        raise Rejected(MODEL_REQUIRED, "bad_request")
+    mp = view.by_model.get(model)
+    if mp is not None:
+        return mp
+    if view.unknown is not None:
+        return view.unknown
+    if not view.by_model:
+        return view.all  # nothing in the pool says what it serves: do not guess a 404
+    raise Rejected(model_not_found(model), "unknown_model")
+
+
+def _with_hints(
+    ctx: RequestContext,
+    view: PoolView,
+    mp: ModelPool,
+    plan: Plan,
+    cands: Sequence[PodStatus],
+) -> Sequence[PodStatus]:
+    """The sample plus the pods a scorer names (the pod holding this prompt's prefix, the
+    session's pod): a uniform sample of 16 out of 1,000 pods would miss them."""
+    extra: list[PodStatus] = []
+    members = mp.members
+    for sc, state in plan.hinters:
+        for p in sc.hint(ctx, view, state):
+            if p.index in members:
+                extra.append(p)
+    if not extra:
+        return cands
+    have = {p.index for p in cands}
+    out = list(cands)
+    for p in extra:
+        if p.index not in have:
+            have.add(p.index)
+            out.append(p)
+    return out
 
 
 def _fill(
@@ -168,6 +236,16 @@ class Profile:
         )
         self.samples = bool(self.filters or self.scorers)
         plugins = [*self.filters, *(s for s, _ in self.scorers), self.picker]
+        self.reads_body = any(p.reads_body for p in plugins)
+        # How the body is hashed: the parameters of its (first) body-reading plugin.
+        self.body_params = next(
+            (
+                (p.params.block_chars, p.params.max_blocks)
+                for p in plugins
+                if p.reads_body and hasattr(p.params, "block_chars")
+            ),
+            (256, 128),
+        )
         self.pick_hooks = tuple(p for p in plugins if overrides(p, "on_pick"))
         self.completion_hooks = tuple(p for p in plugins if overrides(p, "on_completion"))
         self._errors_logged: set[str] = set()  # shared with forks: log a plugin error once
@@ -178,6 +256,10 @@ class Profile:
 
         def cost(plugin: str, phase: str) -> PluginCost:
             return stats.plugin_cost(plugin, phase) if stats is not None else PluginCost()
+
+        if stats is not None:
+            for p in (*self.filters, *(s for s, _ in self.scorers), self.picker):
+                p.bind_stats(stats)
 
         self._filter_costs = tuple(cost(f.name, "filter") for f in self.filters)
         self._score_costs = {id(s): cost(s.name, "score") for s, _ in self.scorers}
@@ -190,6 +272,7 @@ class Profile:
         other = copy.copy(self)
         other.filters = tuple(copy.copy(f) for f in self.filters)
         other.picker = copy.copy(self.picker)
+        other.pick_hooks = ()  # Explain must not teach a prefix index a placement it never made
         other.bind(None)
         other._next_timed = -1
         return other
@@ -219,7 +302,8 @@ class Profile:
             # needs nothing else. Same answer as scoring, less work per request.
             sc, state, _w, cost = active[0]
             ranked = (sc, state, cost)
-        plan = Plan(tuple(active), degraded, tuple(abstained), ranked)
+        hinters = tuple((sc, st) for sc, st, _w, _c in active if overrides(sc, "hint", Scorer))
+        plan = Plan(tuple(active), degraded, tuple(abstained), ranked, hinters)
         view.plans[self.name] = plan
         return plan
 
@@ -231,15 +315,15 @@ class Profile:
         rng: random.Random,
         trace: Trace | None = None,
     ) -> Decision:
-        snap = view.snapshot
-        pool = snap.routable
+        mp = pool_for(ctx, view)  # raises Rejected (400/404) for a model no pod serves
+        pool: Sequence[PodStatus] = mp.routable
         want = self.want
         if not pool:
-            pool = snap.draining  # nothing else left: draining pods beat a 503
+            pool = mp.draining  # nothing else left: draining pods beat a 503
             if not pool:
                 raise NoPodError("no routable pod")
             if self.scorers:  # draining pods are never scored
-                return self.degrade(view, pool, rng, "only_draining")
+                return self.degrade(view, mp, pool, rng, "only_draining")
         # Per-plugin cost: one decision in TIMED_EVERY is timed, so the clock reads and
         # histogram updates stay off most requests (the decision histogram times them all).
         self._tick = tick = self._tick + 1
@@ -258,17 +342,17 @@ class Profile:
                 if trace is not None:
                     trace.candidates = list(pool)
                 if self.pick_hooks:
-                    return self._done(ctx, view, ordered, rng)
-                return finish(view, ordered, rng, want, self.name)
+                    return self._done(ctx, view, mp, ordered, rng)
+                return finish(view, mp, ordered, rng, want, self.name)
             plan = view.plans.get(self.name) or self.plan(view)
             if trace is not None:
                 trace.abstained = list(plan.abstained)
             if plan.degraded:
-                return self.degrade(view, pool, rng, plan.degraded)
+                return self.degrade(view, mp, pool, rng, plan.degraded)
             # The sample: k consecutive entries of the per-snapshot shuffled order from a
             # random offset (wrapping). Uniform enough, O(k), and the random start also
             # randomises the order ties are met in.
-            order = view.order
+            order = mp.order
             n = len(order)
             k = self.sample_size
             start = int(rng.random() * n) % n
@@ -279,6 +363,8 @@ class Profile:
                 cands = order[start : start + k]
             else:
                 cands = order[start:] + order[: start + k - n]
+            if plan.hinters:
+                cands = _with_hints(ctx, view, mp, plan, cands)
             if trace is not None:
                 trace.candidates = list(cands)
             if self.filters:
@@ -294,7 +380,7 @@ class Profile:
                 if timed:
                     cost.observe(_pc() - t0)
                 if keys is None:
-                    return self.degrade(view, pool, rng, "scorers_abstained")
+                    return self.degrade(view, mp, pool, rng, "scorers_abstained")
                 if trace is not None:
                     self._score(ctx, view, plan, cands, False, trace)  # what Explain shows
                 phase = "pick"
@@ -304,13 +390,13 @@ class Profile:
                 if timed:
                     self._pick_cost.observe(_pc() - t0)
                 if self.pick_hooks:
-                    return self._done(ctx, view, ordered, rng)
-                return finish(view, ordered, rng, want, self.name)
+                    return self._done(ctx, view, mp, ordered, rng)
+                return finish(view, mp, ordered, rng, want, self.name)
             scores: list[float] | None = None
             if plan.scorers:
                 scores = self._score(ctx, view, plan, cands, timed, trace)
                 if scores is None:
-                    return self.degrade(view, pool, rng, "scorers_abstained")
+                    return self.degrade(view, mp, pool, rng, "scorers_abstained")
             phase = "pick"
             if timed:
                 t0 = _pc()
@@ -326,10 +412,10 @@ class Profile:
                 failed = ranked[0].name if ranked is not None else "?"
             self._failed = ""
             self._log_error(phase, failed)
-            return self.degrade(view, pool, rng, f"{phase}_error")
+            return self.degrade(view, mp, pool, rng, f"{phase}_error")
         if self.pick_hooks:
-            return self._done(ctx, view, ordered, rng)
-        return finish(view, ordered, rng, want, self.name)
+            return self._done(ctx, view, mp, ordered, rng)
+        return finish(view, mp, ordered, rng, want, self.name)
 
     _tick = 0
     _next_timed = TIMED_EVERY  # -1 in Explain's copies: what Explain costs is not the hot path's
@@ -427,9 +513,14 @@ class Profile:
         return totals
 
     def _done(
-        self, ctx: RequestContext, view: PoolView, ordered: list[PodStatus], rng: random.Random
+        self,
+        ctx: RequestContext,
+        view: PoolView,
+        mp: ModelPool,
+        ordered: list[PodStatus],
+        rng: random.Random,
     ) -> Decision:
-        d = finish(view, ordered, rng, self.want, self.name)
+        d = finish(view, mp, ordered, rng, self.want, self.name)
         for h in self.pick_hooks:
             h.on_pick(ctx, view, d)
         return d
@@ -437,13 +528,14 @@ class Profile:
     def degrade(
         self,
         view: PoolView,
+        mp: ModelPool,
         pool: Sequence[PodStatus],
         rng: random.Random,
         why: str,
     ) -> Decision:
         """Random over `pool`, reported as NAME>random with the reason."""
         ordered = rng.sample(pool, min(len(pool), self.want + 2))
-        return finish(view, ordered, rng, self.want, self.degraded_name, why)
+        return finish(view, mp, ordered, rng, self.want, self.degraded_name, why)
 
 
 def _as(cls: type[Any], plugin: object) -> Any:

@@ -28,6 +28,7 @@ from router_ext.fleet.snapshot import PodStatus, Snapshot
 
 if TYPE_CHECKING:
     from router_ext.routing.context import RequestContext
+    from router_ext.routing.stats import HotPathStats
     from router_ext.routing.view import Decision, PoolView
 
 S = TypeVar("S")
@@ -50,15 +51,23 @@ class Plugin:
     Params: ClassVar[type[PluginParams]] = NoParams
     #: Set by the registry to the name the plugin is registered under (labels, Explain).
     name: str = ""
+    #: Needs the request body (the prompt): profiles using it ask Envoy for the body of
+    #: completion requests under routing.max_body_bytes; others never see a body.
+    reads_body: ClassVar[bool] = False
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
 
     def on_pick(self, ctx: RequestContext, view: PoolView, decision: Decision) -> None:
-        """Called after every decision of a profile that uses this plugin (hot path)."""
+        """Called after every decision of a profile that uses this plugin (hot path), with
+        the request it decided (a prefix index learns where each prompt went)."""
 
     def on_completion(self, address: str) -> None:
         """Envoy's access log reported a request to `address` finished."""
+
+    def bind_stats(self, stats: HotPathStats) -> None:
+        """Optional: the router's counters, for a plugin that reports its own (set once at
+        start-up; Explain's copies are never bound)."""
 
 
 def overrides(plugin: Plugin, method: str, base: type[Plugin] | None = None) -> bool:
@@ -111,6 +120,13 @@ class Scorer(Plugin, Generic[S]):
         """Scores aligned with `candidates`; None for a pod it cannot judge, or None instead
         of the list when it can judge none of them."""
         raise NotImplementedError
+
+    def hint(self, ctx: RequestContext, view: PoolView, state: S) -> Sequence[PodStatus]:
+        """Optional: a few pods (at most 4) this scorer would rate highly for this request, so
+        they are compared even when the uniform sample missed them (the pod that holds this
+        prompt's prefix, a session's pod). Pods outside the request's model pool are dropped
+        by the pipeline. O(1) per request, like `score`."""
+        return ()
 
     def rank(
         self, ctx: RequestContext, view: PoolView, state: S, candidates: Sequence[PodStatus]

@@ -9,7 +9,13 @@ and the same answers; the scores behind them now share one scale, so they combin
     random          picker random
     round-robin     picker round-robin
 
-Scored ones use the default picker, max-score.
+Two more see the request (they route by load alone when it carries nothing to match):
+
+    prefix-aware    prefix-cache 3 + queue 2 + kv-cache 1 + lora-affinity 1  (reads the body)
+    session         session-affinity 4 + requests 1 + lora-affinity 1    (session header)
+
+Scored ones use the default picker, max-score. Every profile routes only to pods serving the
+request's model (pipeline.pool_for), so model awareness needs no plugin.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from router_ext.config import (
-    STRATEGY_NAMES,
+    BUILTIN_NAMES,
     PickerSpec,
     ProfileSpec,
     RoutingSection,
@@ -34,8 +40,28 @@ BUILTIN_PROFILES: dict[str, ProfileSpec] = {
     "least-queue": ProfileSpec(
         scorers=[ScorerSpec(name="queue", params={"running_tie_break": True})]
     ),
+    # Prefix-cache affinity first, load second: a pod holding the prompt's prefix wins unless
+    # it queues (the scorer's spill_waiting) or is clearly busier; on a miss (every prefix
+    # score 0) the least-loaded pod wins. LoRA affinity keeps adapter requests on pods with
+    # the adapter loaded. Weights measured in benchmarks/shared_prefix.py.
+    "prefix-aware": ProfileSpec(
+        scorers=[
+            ScorerSpec(name="prefix-cache", weight=3.0),
+            ScorerSpec(name="queue", weight=2.0, params={"running_tie_break": True}),
+            ScorerSpec(name="kv-cache", weight=1.0),
+            ScorerSpec(name="lora-affinity", weight=1.0),
+        ]
+    ),
+    # A session sticks to its pod (its prefix stays warm there) unless that pod queues.
+    "session": ProfileSpec(
+        scorers=[
+            ScorerSpec(name="session-affinity", weight=4.0),
+            ScorerSpec(name="requests", weight=1.0),
+            ScorerSpec(name="lora-affinity", weight=1.0),
+        ]
+    ),
 }
-assert tuple(BUILTIN_PROFILES) == STRATEGY_NAMES
+assert tuple(BUILTIN_PROFILES) == BUILTIN_NAMES
 
 
 def build_profiles(cfg: RoutingSection) -> dict[str, Profile]:

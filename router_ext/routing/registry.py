@@ -23,6 +23,9 @@ PLUGINS: dict[str, str] = {
     "running": "router_ext.routing.scorers:RunningScorer",
     "requests": "router_ext.routing.scorers:RequestsScorer",
     "kv-cache": "router_ext.routing.scorers:KVCacheScorer",
+    "lora-affinity": "router_ext.routing.affinity:LoraAffinityScorer",
+    "prefix-cache": "router_ext.routing.affinity:PrefixCacheScorer",
+    "session-affinity": "router_ext.routing.affinity:SessionAffinityScorer",
     # pickers
     "max-score": "router_ext.routing.pickers:MaxScorePicker",
     "weighted-random": "router_ext.routing.pickers:WeightedRandomPicker",

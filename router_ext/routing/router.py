@@ -8,6 +8,7 @@ or the new one, never a mix.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -27,6 +28,8 @@ from router_ext.routing import (
     make_view,
 )
 from router_ext.routing.errors import NO_POD, SATURATED, ClientError, unknown_strategy
+from router_ext.routing.pipeline import Rejected
+from router_ext.routing.prompt import BodySkip, PromptFacts, read_body
 from router_ext.routing.stats import HotPathStats
 
 log = logging.getLogger("router_ext.routing.router")
@@ -59,6 +62,7 @@ class Router:
         )
         self.view = PoolView(EMPTY_SNAPSHOT)
         self.rng = random.Random(seed if seed is not None else rc.seed)
+        self._models_cache: tuple[Snapshot, bytes] | None = None
         self._degraded_state: dict[str, str] = {}  # profile -> last degradation reason logged
         self._no_pod_logged = False
 
@@ -74,6 +78,43 @@ class Router:
                 p.plan(view)
         self.view = view
         self.stats.forget_pods(snap.index_of)
+
+    def wants_body(self, ctx: RequestContext) -> bool:
+        """Whether the profile this request gets reads the prompt (hot path: a dict lookup)."""
+        p = self.selectable.get(ctx.profile or self.default_strategy)
+        return p is not None and p.reads_body
+
+    def read_prompt(self, ctx: RequestContext, raw: bytes) -> PromptFacts | BodySkip:
+        """Parse a body the profile asked for, with the hashing parameters of its prefix
+        plugin. Bounded by routing.max_body_bytes (Envoy never sends a bigger one)."""
+        p = self.selectable.get(ctx.profile or self.default_strategy)
+        block_chars, max_blocks = p.body_params if p is not None else (256, 128)
+        return read_body(raw, block_chars, max_blocks)
+
+    def models_body(self) -> bytes | None:
+        """`GET /v1/models` from the snapshot: the union over routable pods, so one dead pod
+        never breaks the listing. None (let a pod answer) while nothing is known."""
+        snap = self.view.snapshot
+        if not snap.ready or not snap.models:
+            return None
+        cached = self._models_cache
+        if cached is not None and cached[0] is snap:
+            return cached[1]
+        created = int(time.time())
+        data = [
+            {
+                "id": c.id,
+                "object": "model",
+                "created": created,
+                "owned_by": "router-ext",
+                "root": c.id,
+                "parent": c.parent,
+            }
+            for c in snap.models
+        ]
+        body = json.dumps({"object": "list", "data": data}).encode()
+        self._models_cache = (snap, body)
+        return body
 
     def completed(self, address: str) -> None:
         """Envoy reported a request to `address` finished: it no longer adds load."""
@@ -124,6 +165,10 @@ class Router:
             return SATURATED
         try:
             d = profile.decide(ctx, view, rng, trace)
+        except Rejected as r:
+            if dry is None:
+                stats.count(name, r.outcome)
+            return r.error
         except NoPodError:
             if dry is None:
                 stats.count(name, "no_pod")
@@ -160,6 +205,10 @@ class Router:
             if name in self._degraded_state:
                 del self._degraded_state[name]
                 log.info("strategy %s uses live metrics again", name)
+        model = ctx.model
+        if model is not None and model in view.by_model:
+            key2 = (model, name)
+            stats.by_model[key2] = stats.by_model.get(key2, 0) + 1
         stats.observe_latency(time.perf_counter() - t0)
         return d
 

@@ -16,7 +16,28 @@ DECISION_BUCKETS = (
     10e-6, 25e-6, 50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1.6e-3, 3.2e-3, 6.4e-3, 12.8e-3, 50e-3
 )  # fmt: skip
 
-OUTCOMES = ("picked", "degraded", "no_pod", "bad_request", "not_ready", "saturated")
+OUTCOMES = (
+    "picked",
+    "degraded",
+    "no_pod",
+    "bad_request",
+    "unknown_model",
+    "not_ready",
+    "saturated",
+)
+
+#: Why a body-reading profile routed a request from its headers alone (no body read, or a
+#: body that gave no prompt): router_ext_body_skipped_total{reason}.
+BODY_SKIP_REASONS = (
+    "not_completion_path",
+    "no_length",  # chunked upload: the size is unknown until it has arrived
+    "too_large",
+    "encoded",  # content-encoding (gzip...): the router does not inflate bodies
+    "not_json",
+    "not_object",
+    "bad_messages",
+    "empty_prompt",
+)
 
 #: Fallback-list length buckets (entries after the primary; config caps it at 16). A list
 #: shorter than `routing.fallbacks` means the pool is too small to fail over as configured.
@@ -68,6 +89,16 @@ class HotPathStats:
         self.streams_total = 0
         # (plugin, phase) -> cost; phase is prepare | filter | score | pick.
         self.plugin_costs: dict[tuple[str, str], PluginCost] = {}
+        # (model, profile) -> decisions. Models are only those the pool serves (a request's
+        # unknown model counts under outcome unknown_model, never as a label).
+        self.by_model: dict[tuple[str, str], int] = {}
+        self.body_reads = 0
+        self.body_bytes = 0
+        self.body_skipped: dict[str, int] = dict.fromkeys(BODY_SKIP_REASONS, 0)
+        # Prefix blocks of routed prompts, and how many of them the chosen pod was predicted
+        # to hold (router_ext_prefix_predicted_hit_ratio = matched / total).
+        self.prefix_blocks = 0
+        self.prefix_blocks_matched = 0
 
     def observe_latency(self, seconds: float) -> None:
         self.latency_buckets[bisect.bisect_left(DECISION_BUCKETS, seconds)] += 1

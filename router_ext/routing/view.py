@@ -7,10 +7,11 @@ assignment; a request then only does O(sample_size) work on it.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from router_ext.fleet.snapshot import PodStatus, Snapshot
+from router_ext.fleet.snapshot import PodState, PodStatus, Snapshot
 
 if TYPE_CHECKING:
     from router_ext.routing.pipeline import Plan
@@ -29,6 +30,37 @@ class Decision:
     @property
     def header_value(self) -> str:
         return ",".join(p.address for p in self.pods)
+
+
+@dataclass(slots=True)
+class ModelPool:
+    """The pods a request may go to: every routable pod, or those serving one model.
+
+    Built per model at publish (`make_view`), so a request for a model indexes a dict instead
+    of filtering the pool. Fallbacks, the draining last resort and the warm last fallback are
+    drawn from the same pool: a request is never retried on a pod that lacks its model.
+    """
+
+    routable: tuple[PodStatus, ...]
+    # `routable`, shuffled once per snapshot: scored profiles sample a window of it.
+    order: list[PodStatus]
+    warm: tuple[PodStatus, ...]
+    draining: tuple[PodStatus, ...]
+    # Indices of `routable` (hinted pods are checked against it).
+    members: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.members and self.routable:
+            self.members = frozenset(p.index for p in self.routable)
+
+    @staticmethod
+    def of(
+        routable: Sequence[PodStatus], draining: Sequence[PodStatus], rng: random.Random
+    ) -> ModelPool:
+        order = list(routable)
+        rng.shuffle(order)
+        warm = tuple(p for p in routable if p.state is PodState.WARM and p.metrics is not None)
+        return ModelPool(tuple(routable), order, warm, tuple(draining))
 
 
 @dataclass(slots=True)
@@ -55,6 +87,11 @@ class PoolView:
     # Per profile name: what it needs from this snapshot (scorers that can judge it, or why
     # none can), computed at publish.
     plans: dict[str, Plan] = field(default_factory=dict)
+    # Every routable pod (`all`), and the pods serving each model by name (`by_model`).
+    all: ModelPool | None = None
+    by_model: dict[str, ModelPool] = field(default_factory=dict)
+    # Routable pods nothing says the model of, when others are known (see pipeline.pool_for).
+    unknown: ModelPool | None = None
 
     def __post_init__(self) -> None:
         if not self.order and self.snapshot.routable:
@@ -62,6 +99,17 @@ class PoolView:
             # be a uniform sample, so shuffle here (deterministically, per snapshot version).
             self.order = list(self.snapshot.routable)
             random.Random(self.snapshot.version).shuffle(self.order)
+        snap = self.snapshot
+        if self.all is None:
+            rng = random.Random(snap.version)
+            self.all = ModelPool(
+                snap.routable,
+                self.order,
+                snap.warm,
+                snap.draining,
+            )
+            self.by_model = _model_pools(snap, rng)
+            self.unknown = _unknown_pool(snap, rng)
         n = len(self.snapshot.pods)
         if not self.picks:
             self.picks = [0] * n
@@ -111,4 +159,34 @@ def make_view(snap: Snapshot, old: PoolView | None, rng: random.Random) -> PoolV
                 picks[i] = old_picks[j]
     order = list(snap.routable)
     rng.shuffle(order)
-    return PoolView(snap, picks=picks, started=started, total=total, order=order)
+    return PoolView(
+        snap,
+        picks=picks,
+        started=started,
+        total=total,
+        order=order,
+        all=ModelPool(snap.routable, order, snap.warm, snap.draining),
+        by_model=_model_pools(snap, rng),
+        unknown=_unknown_pool(snap, rng),
+    )
+
+
+def _unknown_pool(snap: Snapshot, rng: random.Random) -> ModelPool | None:
+    if not snap.by_model:
+        return None
+    pods = [p for p in snap.routable if not p.served]
+    return ModelPool.of(pods, [], rng) if pods else None
+
+
+def _model_pools(snap: Snapshot, rng: random.Random) -> dict[str, ModelPool]:
+    """One pool per served model name (base models and adapters). Off the hot path: O(pods x
+    models) once per publish."""
+    names = dict.fromkeys(snap.by_model)
+    for p in snap.draining:  # a model served only by draining pods still beats a 404
+        names.update(dict.fromkeys(sorted(p.served)))
+    return {
+        name: ModelPool.of(
+            snap.by_model.get(name, ()), [p for p in snap.draining if name in p.served], rng
+        )
+        for name in names
+    }

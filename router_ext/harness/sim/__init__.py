@@ -1,7 +1,8 @@
 """Simulated vLLM fleet: many OpenAI-compatible pods with vLLM /metrics in one process.
 
-An honest load model (FIFO queue, TTFT and per-token delays that grow with load, KV-cache
-use), real vLLM V1 metric names, and process-level faults (kill, hang, slow, 5xx, metrics
+An honest load model (FIFO queue, engine steps under a token budget shared by chunked prefill
+and decode, a prefix cache bounded by KV blocks, LoRA adapters with vLLM's max_lora
+scheduling), real vLLM V1 metric names, and process-level faults (kill, hang, slow, 5xx, metrics
 outage, cold start) for the demo, the end-to-end tests through Envoy and the benchmarks.
 
     fleet = SimFleet(pods_file=Path("pods.yaml"), seed=1)

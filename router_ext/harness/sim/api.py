@@ -32,17 +32,24 @@ _dumps = functools.partial(json.dumps, separators=(",", ":"))  # compact, like p
 class ApiError(Exception):
     """An error answered to the client with an OpenAI-style body."""
 
-    def __init__(self, status: int, message: str, err_type: str) -> None:
+    def __init__(self, status: int, message: str, err_type: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.err_type = err_type
+        self.param = param
 
 
-def error_body(status: int, message: str, err_type: str) -> bytes:
+def error_body(status: int, message: str, err_type: str, param: str | None = None) -> bytes:
+    """vLLM's `ErrorResponse(error=ErrorInfo(message, type, param, code))`, field order kept."""
     return _dumps(
-        {"error": {"message": message, "type": err_type, "param": None, "code": status}}
+        {"error": {"message": message, "type": err_type, "param": param, "code": status}}
     ).encode()
+
+
+def model_not_found(model: object) -> ApiError:
+    """What vLLM's `_check_model` answers for a model it does not serve (base or adapter)."""
+    return ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
 
 
 def bad_request(message: str) -> ApiError:
@@ -52,7 +59,8 @@ def bad_request(message: str) -> ApiError:
 @dataclass(slots=True)
 class ParsedRequest:
     chat: bool
-    model: str
+    model: str  # echoed in responses: the adapter's name for an adapter request, as vLLM does
+    adapter: str | None
     prompt_text: str
     prompt_tokens: int
     max_tokens: int
@@ -108,13 +116,24 @@ def _int_field(body: dict[str, Any], key: str, default: int) -> int:
     return v
 
 
-def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
-    """Validate a request body the way vLLM does; raise ApiError with vLLM's status codes."""
+def parse_request(
+    body: Any, chat: bool, served_model: str, adapters: frozenset[str] = frozenset()
+) -> ParsedRequest:
+    """Validate a request body the way vLLM does; raise ApiError with vLLM's status codes.
+
+    `model` absent or empty means the base model (vLLM's `_is_model_supported`); an adapter
+    name runs with that adapter; anything else is a 404.
+    """
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
     model = body.get("model")
-    if model is not None and model != served_model:
-        raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError")
+    adapter: str | None = None
+    if model is None or model == "" or model == served_model:
+        model = served_model
+    elif isinstance(model, str) and model in adapters:
+        adapter = model
+    else:
+        raise model_not_found(model)
     if chat:
         text = _chat_prompt(body)
         prompt_tokens = estimate_tokens(text)
@@ -140,7 +159,8 @@ def parse_request(body: Any, chat: bool, served_model: str) -> ParsedRequest:
     min_tokens = min(max(0, _int_field(body, "min_tokens", 0)), max_tokens)
     return ParsedRequest(
         chat=chat,
-        model=served_model,
+        model=model,
+        adapter=adapter,
         prompt_text=text,
         prompt_tokens=prompt_tokens,
         max_tokens=max_tokens,

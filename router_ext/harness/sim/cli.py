@@ -44,6 +44,30 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _name_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected NAME[,NAME...], got {text!r}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"model names repeat in {text!r}")
+    return names
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def adapter_names(model: str, n: int) -> list[str]:
+    """The `--adapters N` names of one base model: every pod of that model can load them."""
+    return [f"{model}-lora-{i}" for i in range(n)]
+
+
 def _port(text: str) -> int:
     try:
         v = int(text)
@@ -68,6 +92,51 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pods-file", type=Path, help="write the pods YAML here on every change")
     g.add_argument("--names-prefix", default="pod-", help="pod names are PREFIX0, PREFIX1, ...")
     g.add_argument("--model", default="sim-model", help="served model name (default sim-model)")
+    g.add_argument(
+        "--models",
+        type=_name_list,
+        help="several base models, NAME[,NAME...]: pods are assigned to them round-robin "
+        "(overrides --model)",
+    )
+    g.add_argument(
+        "--adapters",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="LoRA adapters per model, named MODEL-lora-0.., loadable by every pod of that "
+        "model (default 0: LoRA off)",
+    )
+    g.add_argument(
+        "--max-lora",
+        type=int,
+        default=SimPodConfig.max_lora,
+        metavar="K",
+        help=f"adapters one batch may mix, vLLM's --max-loras (default {SimPodConfig.max_lora})",
+    )
+    g.add_argument(
+        "--lora-load-ms",
+        type=float,
+        default=SimPodConfig.lora_load_ms,
+        metavar="MS",
+        help="engine stall to load an adapter into a free slot "
+        f"(default {SimPodConfig.lora_load_ms:g})",
+    )
+    g.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        default=SimPodConfig.max_num_batched_tokens,
+        metavar="N",
+        help="tokens one engine step computes, decode first then prefill chunks, vLLM's "
+        f"--max-num-batched-tokens (default {SimPodConfig.max_num_batched_tokens})",
+    )
+    g.add_argument(
+        "--prefill-us-per-token",
+        type=float,
+        default=SimPodConfig.prefill_us_per_token,
+        metavar="US",
+        help="engine time per uncached prompt token at speed 1 "
+        f"(default {SimPodConfig.prefill_us_per_token:g})",
+    )
     g.add_argument("--max-running", type=int, default=8, help="concurrent requests per pod")
     g.add_argument("--ttft-ms", type=float, default=30.0, help="base time to first token")
     g.add_argument("--tpot-ms", type=float, default=5.0, help="base time per output token")
@@ -120,8 +189,14 @@ class _Plan:
             if len(values) > n:
                 raise ValueError(f"{flag} has {len(values)} values for {n} pods")
         self.base_port: int = args.base_port
+        self.models: list[str] = args.models or [args.model]
+        self.n_adapters: int = args.adapters
+        self._next_model = n  # pods added later continue the round-robin
         self.defaults: dict[str, Any] = {
-            "model": args.model,
+            "max_lora": args.max_lora,
+            "lora_load_ms": args.lora_load_ms,
+            "max_num_batched_tokens": args.max_batched_tokens,
+            "prefill_us_per_token": args.prefill_us_per_token,
             "max_running": args.max_running,
             "ttft_ms": args.ttft_ms,
             "tpot_ms": args.tpot_ms,
@@ -135,6 +210,7 @@ class _Plan:
             SimPodConfig(
                 **{
                     **self.defaults,
+                    **self._served(i),
                     "name": f"{args.names_prefix}{i}",
                     "port": self.base_port + i if self.base_port else 0,
                     "speed": speeds[i] if i < len(speeds) else 1.0,
@@ -145,12 +221,23 @@ class _Plan:
         ]
         self._next_port = self.base_port + n if self.base_port else 0
 
+    def _served(self, i: int) -> dict[str, Any]:
+        model = self.models[i % len(self.models)]
+        return {"model": model, "adapters": adapter_names(model, self.n_adapters)}
+
     def new_pod(self, name: str) -> SimPodConfig:
         return self.from_mapping({"name": name})
 
     def from_mapping(self, data: dict[str, Any]) -> SimPodConfig:
         """CLI defaults under a control-API body; the next base port if none is given."""
-        merged = {**self.defaults, **data}
+        served: dict[str, Any] = {}
+        if "model" not in data:
+            served = self._served(self._next_model)
+            self._next_model += 1
+        elif "adapters" not in data:
+            # A pod of a named model serves that model's adapters, as its siblings do.
+            served = {"adapters": adapter_names(str(data["model"]), self.n_adapters)}
+        merged = {**self.defaults, **served, **data}
         if "port" not in data and self._next_port:
             merged["port"] = self._next_port
             self._next_port += 1

@@ -186,6 +186,8 @@ class SimFleet:
                     "address": p.address,
                     "port": p.port,
                     "model": p.cfg.model,
+                    "adapters": list(p.cfg.adapters),
+                    "loaded_adapters": p.loaded_adapters,
                     "state": p.state,
                     "ready": p.ready,
                     "draining": p.draining,
@@ -216,6 +218,8 @@ class SimFleet:
                 "address": p.host,
                 "port": p.port,
                 "model": p.cfg.model,
+                # Every name a request's `model` may carry: discovery reads both fields.
+                "models": p.cfg.served_models,
             }
             if not p.ready:
                 entry["ready"] = False

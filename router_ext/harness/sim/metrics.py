@@ -9,7 +9,7 @@ texts, label names and buckets follow vLLM V1 (`vllm/v1/metrics/loggers.py`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -82,6 +82,7 @@ class PodMetrics:
         num_engines: int,
         block_size: int,
         kv_blocks: int,
+        max_lora: int | None = None,
     ) -> None:
         self.live = CollectorRegistry()
         self.registry = CollectorRegistry()
@@ -167,27 +168,51 @@ class PodMetrics:
             "Histogram of time spent in DECODE phase for request.",
             REQUEST_LATENCY_BUCKETS,
         )
+        # vLLM exports every CacheConfig field as a label (`CacheConfig.metrics_info()`, values
+        # str()-ed, unset ones as "None") plus `engine`. Real pods show them sorted by name
+        # (prometheus_client's multiprocess mode, which vLLM's API server uses), so do we.
+        cache_info = {
+            "block_size": str(block_size),
+            "cache_dtype": "auto",
+            "calculate_kv_scales": "False",
+            "cpu_offload_gb": "0",
+            "enable_prefix_caching": "True",
+            "engine": "",
+            "gpu_memory_utilization": "0.9",
+            "is_attention_free": "False",
+            "kv_cache_size_tokens": str(self.blocks_per_engine * block_size),
+            "num_cpu_blocks": "None",
+            "num_gpu_blocks": str(self.blocks_per_engine),
+            "num_gpu_blocks_override": "None",
+            "prefix_caching_hash_algo": "sha256",
+            "sliding_window": "None",
+            "swap_space_bytes": "4294967296",
+        }
         info = Gauge(
             "vllm:cache_config_info",
             "Information of the LLMEngine CacheConfig",
-            (
-                "block_size",
-                "cache_dtype",
-                "enable_prefix_caching",
-                "gpu_memory_utilization",
-                "num_cpu_blocks",
-                "num_gpu_blocks",
-                "engine",
-            ),
+            tuple(cache_info),
             registry=r,
+        )
+        # Only a pod started with LoRA enabled has it, and a series appears at the first
+        # engine step (vLLM's PrometheusStatLogger: created if lora_config, set in record()).
+        self.lora_enabled = max_lora is not None
+        self._max_lora = str(max_lora)
+        self._lora = (
+            Gauge(
+                "vllm:lora_requests_info",
+                "Running stats on lora requests.",
+                ("max_lora", "waiting_lora_adapters", "running_lora_adapters"),
+                registry=r,
+            )
+            if self.lora_enabled
+            else None
         )
 
         self.engines: list[EngineSeries] = []
         for i in range(num_engines):
             e = str(i)
-            info.labels(
-                str(block_size), "auto", "True", "0.9", "0", str(self.blocks_per_engine), e
-            ).set(1)
+            info.labels(**{**cache_info, "engine": e}).set(1)
             self.engines.append(
                 EngineSeries(
                     prompt_tokens=prompt.labels(model, e),
@@ -222,6 +247,20 @@ class PodMetrics:
             self._running.labels(self.model, e).set_function(value(running, i))
             self._waiting.labels(self.model, e).set_function(value(waiting, i))
             self._kv.labels(self.model, e).set_function(value(kv, i, per))
+
+    def record_lora(self, running: Iterable[str], waiting: Iterable[str]) -> None:
+        """One engine step's LoRA state, as vLLM records it each iteration: the series of this
+        label combination is set to the wall-clock time; series of earlier combinations stay
+        exported with their older timestamps, so a reader takes the newest by value."""
+        if self._lora is None:
+            return
+        self.dirty = True
+        self._lora.labels(self._max_lora, ",".join(waiting), ",".join(running)).set(time.time())
+
+    @property
+    def cached_until(self) -> float:
+        """Monotonic time until which a scrape may still get the last rendered counters."""
+        return self._reuse_until
 
     def render(self) -> bytes:
         now = time.monotonic()

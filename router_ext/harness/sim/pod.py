@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import random
 import socket
 import struct
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +50,10 @@ from router_ext.harness.sim.podconfig import SimPodConfig
 
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 _LINGER_RST = struct.pack("ii", 1, 0)
+
+
+#: Response header: sha256 of the request body the pod received (non-streamed answers).
+BODY_DIGEST_HEADER = "x-sim-body-sha256"
 
 
 class SimStateError(RuntimeError):
@@ -138,6 +144,7 @@ class SimPod:
         self.drained = 0
         self.cut_at_grace = 0
         self._headers = {SERVED_BY_HEADER: self.name}
+        self._adapters = frozenset(cfg.adapters)
         self._routes: dict[str, tuple[str, _Handler]] = {
             "/v1/chat/completions": ("POST", self._chat),
             "/v1/completions": ("POST", self._completions),
@@ -163,6 +170,13 @@ class SimPod:
     @property
     def waiting(self) -> int:
         return self.load.waiting if self.load is not None and not self._gone else 0
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        """LoRA adapters in the GPU slots now, least recently used first."""
+        if self.load is None or self._gone:
+            return []
+        return list(self.load.lora_loaded)
 
     @property
     def inflight(self) -> int:
@@ -200,7 +214,11 @@ class SimPod:
         self.port = sock.getsockname()[1]
         self.cfg.port = self.port  # a revive must come back on the same port
         self.metrics = PodMetrics(
-            self.cfg.model, self.cfg.num_engines, self.cfg.block_size, self.cfg.kv_blocks
+            self.cfg.model,
+            self.cfg.num_engines,
+            self.cfg.block_size,
+            self.cfg.kv_blocks,
+            max_lora=self.cfg.max_lora if self.cfg.adapters else None,
         )
         self.load = LoadModel(self.cfg, self.metrics)
         self.load.speed = self.cfg.speed / self.slow_factor
@@ -377,9 +395,11 @@ class SimPod:
             headers=self._headers,
         )
 
-    def _error(self, status: int, message: str, err_type: str) -> web.Response:
+    def _error(
+        self, status: int, message: str, err_type: str, param: str | None = None
+    ) -> web.Response:
         return web.Response(
-            body=error_body(status, message, err_type),
+            body=error_body(status, message, err_type, param),
             status=status,
             content_type="application/json",
             headers=self._headers,
@@ -395,7 +415,13 @@ class SimPod:
         self._inflight += 1
         self._idle.clear()
         try:
-            return await handler(request)
+            resp = await handler(request)
+            digest = request.get(BODY_DIGEST_HEADER)
+            if digest is not None and not resp.prepared:
+                # What the pod received, so tests can check a body crossed Envoy and the
+                # router byte-identical (streamed responses are sent already: not set).
+                resp.headers[BODY_DIGEST_HEADER] = digest
+            return resp
         finally:
             self._inflight -= 1
             if not self._inflight:
@@ -405,23 +431,13 @@ class SimPod:
         return web.Response(status=200 if self.ready else 503, headers=self._headers)
 
     async def _models(self, request: web.BaseRequest) -> web.StreamResponse:
+        # vLLM's show_available_models: the base model's card, then one per LoRA adapter with
+        # `parent` = the base model, its adapter path as `root` and no max_model_len.
         model = self.cfg.model
-        return self._json(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": model,
-                        "object": "model",
-                        "created": int(time.time()),
-                        "owned_by": "vllm",
-                        "root": model,
-                        "parent": None,
-                        "max_model_len": MAX_MODEL_LEN,
-                    }
-                ],
-            }
-        )
+        created = int(time.time())
+        cards = [_model_card(model, model, None, MAX_MODEL_LEN, created)]
+        cards += [_model_card(a, f"/adapters/{a}", model, None, created) for a in self.cfg.adapters]
+        return self._json({"object": "list", "data": cards})
 
     async def _metrics(self, request: web.BaseRequest) -> web.StreamResponse:
         if time.monotonic() - self.started_at < self.cfg.metrics_delay_s:
@@ -446,21 +462,22 @@ class SimPod:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge as e:  # aiohttp's 1 MiB body cap
             return self._error(413, e.text or "request body too large", "BadRequestError")
+        request[BODY_DIGEST_HEADER] = hashlib.sha256(raw).hexdigest()
         try:
             body = json.loads(raw)
         except ValueError as e:
             return self._error(400, f"JSON decode error: {e}", "BadRequestError")
         try:
-            p = parse_request(body, chat, self.cfg.model)
+            p = parse_request(body, chat, self.cfg.model, self._adapters)
         except ApiError as e:
-            return self._error(e.status, e.message, e.err_type)
+            return self._error(e.status, e.message, e.err_type, e.param)
         if self.fail_rate > 0 and self._rng.random() < self.fail_rate:
             self.errors += 1
             return self._error(500, "simulated engine failure", "InternalServerError")
         load = self.load
         assert load is not None
         out = self._output_length(p)
-        req = load.submit(p.prompt_text, p.prompt_tokens, out, p.max_tokens, p.stream)
+        req = load.submit(p.prompt_text, p.prompt_tokens, out, p.max_tokens, p.stream, p.adapter)
         req_id = f"{'chatcmpl' if chat else 'cmpl'}-{self.name}-{req.seq}"
         created = int(time.time())
         try:
@@ -526,3 +543,34 @@ class SimPod:
             return resp  # client went away mid-stream; `abort` in the caller frees the slot
         self.served += 1
         return resp
+
+
+def _model_card(
+    model_id: str, root: str, parent: str | None, max_model_len: int | None, created: int
+) -> dict[str, Any]:
+    """One entry of /v1/models with vLLM's ModelCard fields and default ModelPermission."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "vllm",
+        "root": root,
+        "parent": parent,
+        "max_model_len": max_model_len,
+        "permission": [
+            {
+                "id": f"modelperm-{uuid.uuid4().hex}",
+                "object": "model_permission",
+                "created": created,
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }
+        ],
+    }

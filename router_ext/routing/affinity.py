@@ -1,0 +1,415 @@
+"""Request-aware scorers: LoRA adapter, prompt prefix and session affinity.
+
+They judge a pod by what it holds for *this* request (an adapter loaded, a prompt prefix in its
+KV cache, a client session), so they abstain for a request that carries nothing to match
+(a base-model request, no prompt read, no session header) and the profile's load scorers
+decide alone. Each names its best pods through `hint`, so they are compared even when the
+uniform sample of `routing.sample_size` pods missed them.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+from pydantic import Field
+
+from router_ext.fleet.snapshot import PodStatus, Snapshot
+from router_ext.routing.context import RequestContext
+from router_ext.routing.plugins import PluginParams, Prepared, Scorer
+from router_ext.routing.stats import HotPathStats
+from router_ext.routing.view import Decision, PoolView
+
+_xxh = xxhash.xxh3_64_intdigest
+_MAX_HINTS = 4
+
+
+# --- LoRA ---------------------------------------------------------------------------------
+
+
+class LoraAffinityScorer(Scorer[None]):
+    """For a request naming a LoRA adapter (llm-d's LoRA affinity semantics, BACKGROUND §6):
+
+        adapter running on the pod           1.0   (no load, shares the batch)
+        a free adapter slot (< max_lora)     0.8   (loads it without evicting)
+        adapter waiting on the pod           0.6   (already queued there)
+        otherwise                            0.0   (would wait for a slot)
+
+    From the pod's newest `vllm:lora_requests_info` series. Abstains for a base-model request
+    and for a pod without metrics (cold): its adapters are unknown.
+    """
+
+    def prepare(self, snap: Snapshot) -> Prepared[None]:
+        return Prepared(None)
+
+    def score(
+        self, ctx: RequestContext, view: PoolView, state: None, candidates: Sequence[PodStatus]
+    ) -> Sequence[float | None] | None:
+        model = ctx.model
+        if model is None:
+            return None
+        # An adapter request if any candidate knows the name as an adapter (the others may
+        # just not list it yet): then every candidate with metrics is judged.
+        if not any(model in p.adapters for p in candidates):
+            return None
+        out: list[float | None] = []
+        for p in candidates:
+            m = p.metrics
+            if m is None:
+                out.append(None)
+            elif model in m.lora_running:
+                out.append(1.0)
+            elif m.max_lora is not None and len(m.lora_running | m.lora_waiting) < m.max_lora:
+                out.append(0.8)
+            elif model in m.lora_waiting:
+                out.append(0.6)
+            else:
+                out.append(0.0)
+        return out
+
+
+# --- prompt prefix ----------------------------------------------------------------------------
+
+
+class PrefixParams(PluginParams):
+    block_chars: int = Field(
+        default=256,
+        ge=16,
+        le=4096,
+        description="Characters per hashed block (~4 per token: 256 is ~64 tokens, llm-d's).",
+    )
+    max_blocks: int = Field(
+        default=128,
+        ge=1,
+        le=1024,
+        description=(
+            "Blocks hashed per prompt (128 x 256 characters: the first ~8k tokens). Caps the "
+            "per-request work; prefixes longer than that all look alike past it."
+        ),
+    )
+    capacity_blocks: int = Field(
+        default=8192,
+        ge=16,
+        le=1 << 20,
+        description=(
+            "Blocks remembered per pod when the engine does not export vllm:cache_config_info "
+            "(with it: num_gpu_blocks x block_size tokens, in blocks of this size)."
+        ),
+    )
+    spill_waiting: float = Field(
+        default=8.0,
+        gt=0,
+        allow_inf_nan=False,
+        description=(
+            "A pod with this many requests waiting (scraped + picked since) scores 0 for its "
+            "prefix: a hot prefix spills to other pods instead of queueing on one."
+        ),
+    )
+
+
+@dataclass(slots=True)
+class PrefixState:
+    ident: list[str]  # pod identity by snapshot index
+    by_ident: dict[str, PodStatus]
+
+
+@dataclass(slots=True)
+class _PodIndex:
+    capacity: int
+    lru: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    queries: float = -1.0  # last vllm:prefix_cache_queries_total seen (a drop = restart)
+
+
+class PrefixCacheScorer(Scorer[PrefixState]):
+    """Approximate prefix-cache affinity: score = the share of this prompt's blocks the pod is
+    predicted to hold in its KV cache.
+
+    The prediction is learned from this router's own picks (`on_pick`): the primary pod of a
+    request is assumed to cache its prompt's blocks. Per pod an LRU of block hashes bounded by
+    the pod's cache capacity; a global map block -> pods holding it answers "where is this
+    prefix" in O(log blocks) (binary search on the chain: holding block i implies holding the
+    blocks before it, as an engine's prefix cache does). A pod's entries are dropped when it
+    leaves, changes identity, or restarts (its prefix-cache query counter went down).
+    """
+
+    Params = PrefixParams
+    params: PrefixParams
+    reads_body = True
+
+    def __init__(self, params: PrefixParams | None = None) -> None:
+        super().__init__(params)
+        self._pods: dict[str, _PodIndex] = {}
+        self._holders: dict[int, dict[str, None]] = {}
+        self._stats: HotPathStats | None = None
+
+    def bind_stats(self, stats: HotPathStats) -> None:
+        self._stats = stats
+
+    # --- publish time ---------------------------------------------------------------------
+    def prepare(self, snap: Snapshot) -> Prepared[PrefixState]:
+        present: set[str] = set()
+        ident = [""] * len(snap.pods)
+        by_ident: dict[str, PodStatus] = {}
+        for p in snap.pods:
+            key = p.pod.identity
+            ident[p.index] = key
+            by_ident[key] = p
+            present.add(key)
+            idx = self._pods.get(key)
+            m = p.metrics
+            if idx is not None and m is not None and m.prefix_queries is not None:
+                if m.prefix_queries < idx.queries:
+                    self._drop(key)  # restarted: its cache is empty
+                    idx = None
+                else:
+                    idx.queries = m.prefix_queries
+            if idx is not None:
+                idx.capacity = self._capacity(p)
+        for key in [k for k in self._pods if k not in present]:
+            self._drop(key)
+        return Prepared(PrefixState(ident, by_ident))
+
+    def _capacity(self, p: PodStatus) -> int:
+        m = p.metrics
+        if m is not None and m.cache_blocks and m.block_size:
+            tokens = m.cache_blocks * m.block_size
+            return max(16, tokens * 4 // self.params.block_chars)
+        return self.params.capacity_blocks
+
+    def _drop(self, key: str) -> None:
+        idx = self._pods.pop(key, None)
+        if idx is None:
+            return
+        holders = self._holders
+        for h in idx.lru:
+            d = holders.get(h)
+            if d is not None:
+                d.pop(key, None)
+                if not d:
+                    del holders[h]
+
+    # --- per request ----------------------------------------------------------------------
+    def _matched(self, key: str, hashes: tuple[int, ...]) -> int:
+        """Leading blocks of `hashes` pod `key` holds (binary search on the chain)."""
+        holders = self._holders
+        lo, hi = 0, len(hashes)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            d = holders.get(hashes[mid])
+            if d is not None and key in d:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def hint(self, ctx: RequestContext, view: PoolView, state: PrefixState) -> Sequence[PodStatus]:
+        hashes = ctx.prefix_hashes
+        if not hashes:
+            return ()
+        holders = self._holders
+        lo, hi = 0, len(hashes)  # deepest block any pod holds
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if hashes[mid] in holders:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == 0:
+            return ()
+        d = holders[hashes[lo - 1]]
+        by_ident = state.by_ident
+        out = []
+        for key in reversed(d):  # most recently placed first
+            p = by_ident.get(key)
+            if p is not None:
+                out.append(p)
+                if len(out) == _MAX_HINTS:
+                    break
+        return out
+
+    def score(
+        self,
+        ctx: RequestContext,
+        view: PoolView,
+        state: PrefixState,
+        candidates: Sequence[PodStatus],
+    ) -> Sequence[float | None] | None:
+        hashes = ctx.prefix_hashes
+        if not hashes:
+            return None
+        n = len(hashes)
+        spill = self.params.spill_waiting
+        picks = view.picks
+        out: list[float | None] = []
+        for p in candidates:
+            matched = self._matched(state.ident[p.index], hashes)
+            if matched:
+                m = p.score_metrics
+                if m is not None and m.waiting + picks[p.index] >= spill:
+                    matched = 0
+            out.append(matched / n)
+        return out
+
+    def on_pick(self, ctx: RequestContext, view: PoolView, decision: Decision) -> None:
+        hashes = ctx.prefix_hashes
+        if not hashes:
+            return
+        p = decision.pods[0]
+        key = p.pod.identity
+        stats = self._stats
+        if stats is not None:  # what the choice was predicted to hit, before learning it
+            stats.prefix_blocks += len(hashes)
+            stats.prefix_blocks_matched += self._matched(key, hashes)
+        idx = self._pods.get(key)
+        if idx is None:
+            idx = self._pods[key] = _PodIndex(self._capacity(p))
+        lru = idx.lru
+        holders = self._holders
+        for h in hashes:
+            if h in lru:
+                lru.move_to_end(h)
+                d = holders[h]
+                del d[key]
+                d[key] = None  # most recent holder last (hint order)
+            else:
+                lru[h] = None
+                holders.setdefault(h, {})[key] = None
+        while len(lru) > idx.capacity:
+            old, _ = lru.popitem(last=False)
+            gone = holders.get(old)
+            if gone is not None:
+                gone.pop(key, None)
+                if not gone:
+                    del holders[old]
+
+
+# --- session ----------------------------------------------------------------------------------
+
+
+class SessionParams(PluginParams):
+    vnodes: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="Points per pod on the hash ring (more: a more even spread of sessions).",
+    )
+    spill_waiting: float = Field(
+        default=16.0,
+        gt=0,
+        allow_inf_nan=False,
+        description=(
+            "A session's pod with this many requests waiting scores 0 for it: the session "
+            "moves rather than queue (its prefix cache is lost, but so is the wait)."
+        ),
+    )
+
+
+@dataclass(slots=True)
+class _Ring:
+    keys: list[int]  # sorted ring points
+    owner: list[int]  # position in `pods` of each point's pod
+    pods: Sequence[PodStatus]
+
+
+@dataclass(slots=True)
+class SessionState:
+    rings: dict[str | None, _Ring]  # per model pool (None: every routable pod)
+
+
+class SessionAffinityScorer(Scorer[SessionState]):
+    """The same session (routing.session_header) on the same pod, with no stored state.
+
+    Consistent hashing of the session key over the pods' identities, so the answer is the same
+    on every router replica and after a restart, and only the sessions of a pod that leaves
+    move (to the next pod on the ring). A ring with `vnodes` points per pod rather than
+    rendezvous hashing: rendezvous scores every pod per request (O(pods)); the ring, built
+    once per snapshot, answers in O(log pods) with the same two properties.
+
+    The session's pod scores 1, the next two distinct pods on the ring 0.5 and 0.25 (where the
+    session goes if its pod leaves: good fallbacks), every other pod 0.
+    """
+
+    Params = SessionParams
+    params: SessionParams
+
+    def __init__(self, params: SessionParams | None = None) -> None:
+        super().__init__(params)
+        # Ring points by the pool's pod identities: a scrape round that changes no
+        # membership (the common case) reuses them, O(pods) instead of a sort of
+        # pods x vnodes points per publish.
+        self._points: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}
+
+    def prepare(self, snap: Snapshot) -> Prepared[SessionState]:
+        points: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}
+        rings: dict[str | None, _Ring] = {None: self._ring(snap.routable, points)}
+        for name, pods in snap.by_model.items():
+            rings[name] = self._ring(pods, points)
+        self._points = points  # only the pools of this snapshot stay cached
+        return Prepared(SessionState(rings))
+
+    def _ring(
+        self,
+        pods: Sequence[PodStatus],
+        points: dict[tuple[str, ...], tuple[list[int], list[int]]],
+    ) -> _Ring:
+        idents = tuple(p.pod.identity for p in pods)
+        cached = points.get(idents) or self._points.get(idents)
+        if cached is None:
+            pts: list[tuple[int, int]] = []
+            for j, ident in enumerate(idents):
+                raw = ident.encode()
+                for v in range(self.params.vnodes):
+                    pts.append((_xxh(raw, v), j))
+            pts.sort()
+            cached = ([k for k, _ in pts], [j for _, j in pts])
+        points[idents] = cached
+        return _Ring(cached[0], cached[1], pods)
+
+    def _owners(self, ctx: RequestContext, state: SessionState) -> list[PodStatus]:
+        key = ctx.session_key
+        if not key:
+            return []
+        ring = state.rings.get(ctx.model) or state.rings[None]
+        n = len(ring.keys)
+        if not n:
+            return []
+        i = bisect.bisect_left(ring.keys, _xxh(key.encode()))
+        out: list[PodStatus] = []
+        seen: set[int] = set()
+        for k in range(n):
+            p = ring.pods[ring.owner[(i + k) % n]]
+            if p.index not in seen:
+                seen.add(p.index)
+                out.append(p)
+                if len(out) == 3:
+                    break
+        return out
+
+    def hint(self, ctx: RequestContext, view: PoolView, state: SessionState) -> Sequence[PodStatus]:
+        return self._owners(ctx, state)
+
+    def score(
+        self,
+        ctx: RequestContext,
+        view: PoolView,
+        state: SessionState,
+        candidates: Sequence[PodStatus],
+    ) -> Sequence[float | None] | None:
+        owners = self._owners(ctx, state)
+        if not owners:
+            return None
+        rank = {p.index: s for p, s in zip(owners, (1.0, 0.5, 0.25), strict=False)}
+        spill = self.params.spill_waiting
+        picks = view.picks
+        out: list[float | None] = []
+        for p in candidates:
+            s = rank.get(p.index, 0.0)
+            if s:
+                m = p.score_metrics
+                if m is not None and m.waiting + picks[p.index] >= spill:
+                    s = 0.0
+            out.append(s)
+        return out
