@@ -87,9 +87,16 @@ class Target:
     cpu_us: dict[int, list[float]] = field(default_factory=dict)
 
 
-def _router_cfg(workdir: Path, pods_file: Path, router_port: int, legacy: bool = False) -> Path:
+def _router_cfg(
+    workdir: Path,
+    pods_file: Path,
+    router_port: int,
+    legacy: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """`legacy`: a config the pre-framework router (the (f) copy) accepts: no admin listener of
-    its own (its admin API shared the gRPC port) and no auth section (it ignores the token)."""
+    its own (its admin API shared the gRPC port) and no auth section (it ignores the token).
+    `extra`: deep-merged on top (an A/B of a configuration change)."""
     router: dict[str, Any] = {"grpc": {"port": router_port}, "metrics": {"port": free_port()}}
     if not legacy:
         router["admin"] = {"port": free_port()}  # several routers run at once here
@@ -99,10 +106,19 @@ def _router_cfg(workdir: Path, pods_file: Path, router_port: int, legacy: bool =
         "routing": {"default_strategy": "least-request"},
         "envoy": {"listener": {"port": free_port()}, "admin": {"port": free_port()}},
     }
+    _merge(raw, extra or {})
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "router-ext.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
 
 
 def _cli_module(tree: Path | None) -> str:
@@ -167,14 +183,17 @@ def run(
     rounds: int | None = None,
     duration_s: float | None = None,
     ab_router: Path | None = None,
+    ab_config: dict[str, Any] | None = None,
 ) -> str:
     """Run the benchmark, write benchmarks/results/overhead.md, return its Markdown body.
 
     `ab_router`: a directory holding a patched copy of the `router_ext` package; adds
     configuration (f), the same as (c) but running that copy, interleaved with the others,
     so a proposed router change can be measured against the current code in one run.
+    `ab_config`: router config merged into (f)'s (with the current code when `ab_router` is
+    not given): an A/B of a configuration change.
     """
-    if ab_router is not None and "f" not in configs:
+    if (ab_router is not None or ab_config) and "f" not in configs:
         configs = (*configs, "f")
     rounds = rounds or (2 if quick else 3)
     duration_s = duration_s or (3.0 if quick else 10.0)
@@ -202,7 +221,9 @@ def run(
             sub = workdir / key
             if key in ("a", "b", "c", "e", "f"):
                 rport = free_port()
-                cfg = load_config(_router_cfg(sub, pods_file, rport, legacy=key == "f"))
+                legacy = key == "f" and ab_router is not None and not ab_config
+                extra = ab_config if key == "f" else None
+                cfg = load_config(_router_cfg(sub, pods_file, rport, legacy=legacy, extra=extra))
                 # Envoy must carry the router's token, or every stream is refused and the
                 # benchmark would measure failing open (the probe below would catch it).
                 boot = render_bootstrap(cfg, load_or_create_token(cfg.token_file))
@@ -458,10 +479,17 @@ def main() -> None:
         metavar="DIR",
         help="also run (f): router-ext from DIR/router_ext (a patched copy), interleaved",
     )
+    ap.add_argument(
+        "--ab-config",
+        metavar="YAML",
+        help="also run (f) with this router config merged in, e.g. "
+        "'{envoy: {model_from_body: false}}' (with --ab-router: that copy with it)",
+    )
     args = ap.parse_args()
     configs = ("a", "b", "c", "e") if args.no_peer else ("a", "b", "c", "e", "d")
     t0 = time.monotonic()
-    md = run(quick=args.quick, configs=configs, ab_router=args.ab_router)
+    ab_config = yaml.safe_load(args.ab_config) if args.ab_config else None
+    md = run(quick=args.quick, configs=configs, ab_router=args.ab_router, ab_config=ab_config)
     print(machine_markdown())
     print(md)
     print(f"took {time.monotonic() - t0:.0f} s")

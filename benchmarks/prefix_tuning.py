@@ -38,11 +38,14 @@ from router_ext.harness.stack import Stack, StackOptions
 LOAD = ({"name": "queue", "weight": 2.0, "params": {"running_tie_break": True}},)
 
 
-def _prefix(spill: float, weight: float) -> dict[str, Any]:
+REQUESTS = ({"name": "requests", "weight": 2.0},)
+
+
+def _prefix(spill: float, weight: float, load: tuple[dict[str, Any], ...] = LOAD) -> dict[str, Any]:
     return {
         "scorers": [
             {"name": "prefix-cache", "weight": weight, "params": {"spill_waiting": spill}},
-            *LOAD,
+            *load,
             {"name": "kv-cache", "weight": 1.0},
         ]
     }
@@ -59,8 +62,8 @@ def _session(spill: float, weight: float) -> dict[str, Any]:
 
 VARIANTS = {
     "shared-prefix": {
-        f"p-spill{s:g}-w{w:g}": _prefix(s, w)
-        for s, w in ((1, 3), (2, 3), (4, 3), (8, 3), (2, 1.5), (2, 6))
+        **{f"p-spill{s:g}-w{w:g}": _prefix(s, w) for s, w in ((1, 3), (2, 3), (4, 3), (8, 3))},
+        **{f"p-req-spill{s:g}-w{w:g}": _prefix(s, w, REQUESTS) for s, w in ((4, 3), (8, 2))},
     },
     "multi-turn": {
         f"s-spill{s:g}-w{w:g}": _session(s, w) for s, w in ((1, 4), (2, 4), (4, 4), (16, 4))
@@ -137,7 +140,8 @@ def run(quick: bool = False, workload: str = "shared-prefix", rounds: int = 2) -
             rows,
         )
         + "\n\n`p-spillS-wW`: prefix-cache weight W with spill_waiting S, plus queue x2 and "
-        "kv-cache x1 (the built-in's load scorers). `s-spillS-wW`: session-affinity weight W "
+        "kv-cache x1 (the built-in's load scorers); `p-req-…`: the same with requests x2 "
+        "(running + waiting + picks) instead of queue. `s-spillS-wW`: session-affinity weight W "
         "with spill_waiting S, plus requests x1.\n"
     )
     write_result(

@@ -473,14 +473,15 @@ async def test_kubectl_lists_and_watches_the_fake(api: FakeKubeAPI) -> None:
 
 
 # --- churn ---------------------------------------------------------------------------------
-CHURN_S = float(os.environ.get("ROUTER_EXT_KUBE_CHURN_S", "15"))
+CHURN_S = float(os.environ.get("ROUTER_EXT_KUBE_CHURN_S", "60"))
 
 
 async def test_churn_keeps_source_and_router_state_bounded(
     api: FakeKubeAPI, start: Callable[..., Any]
 ) -> None:
-    """500 pods, 10 replaced per second (set ROUTER_EXT_KUBE_CHURN_S=60 for the full run):
-    the source's objects, the lifecycle's records and the metric series stay at 500 pods."""
+    """500 pods, 10 replaced per second for 60 s, as the issue asks (ROUTER_EXT_KUBE_CHURN_S
+    shortens it): the source's objects, the lifecycle's records and the metric series stay at
+    500 pods, and traced memory stops growing."""
     api.history_size = 200  # the fake's own memory is not under test
     n, rate = 500, 10
     for i in range(n):

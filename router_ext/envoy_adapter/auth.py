@@ -104,6 +104,12 @@ class StreamAuth:
         metadata = context.invocation_metadata()
         if self.authorised(metadata):
             return
+        await self.refuse(context, service, metadata)
+
+    async def refuse(
+        self, context: grpc.aio.ServicerContext[Any, Any], service: str, metadata: Any
+    ) -> None:
+        """Count, log and abort a stream that failed `authorised` (raises)."""
         self._refused(service, metadata)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENY_DETAILS)
 

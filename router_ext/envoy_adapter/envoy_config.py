@@ -348,8 +348,11 @@ def _listener(cfg: RouterConfig, token: str | None) -> dict[str, Any]:
             ),
             "route_config": _route_config(cfg),
             "http_filters": [
-                _json_to_metadata_filter(),
-                _model_header_filter(),
+                *(
+                    (_json_to_metadata_filter(), _model_header_filter())
+                    if cfg.envoy.model_from_body
+                    else ()
+                ),
                 _ext_proc_filter(cfg, token),
                 _router_filter(),
             ],

@@ -85,31 +85,34 @@ def _header(key: str, value: bytes) -> base_pb2.HeaderValueOption:
 #: strategy with 2 fallbacks, so small and medium fleets almost always hit. grpc only reads
 #: the object it is given, so one instance can be sent many times. Bounded: cleared when full.
 _RESPONSE_CACHE_MAX = 4096
+#: One cache per phase: the same answer is a HeadersResponse or, after a mode override, a
+#: BodyResponse.
 _response_cache: dict[tuple[str, str], ep.ProcessingResponse] = {}
 _body_response_cache: dict[tuple[str, str], ep.ProcessingResponse] = {}
 
 
 def decision_response(d: Decision) -> ep.ProcessingResponse:
-    key = (d.header_value, d.used)
-    resp = _response_cache.get(key)
-    if resp is None:
-        if len(_response_cache) >= _RESPONSE_CACHE_MAX:
-            _response_cache.clear()
-        resp = _response_cache[key] = ep.ProcessingResponse(
-            request_headers=ep.HeadersResponse(response=_common(*key))
-        )
-    return resp
+    return _cached(_response_cache, d, body_phase=False)
 
 
 def body_decision_response(d: Decision) -> ep.ProcessingResponse:
     """The same answer in the body phase (after a mode override)."""
+    return _cached(_body_response_cache, d, body_phase=True)
+
+
+def _cached(
+    cache: dict[tuple[str, str], ep.ProcessingResponse], d: Decision, body_phase: bool
+) -> ep.ProcessingResponse:
     key = (d.header_value, d.used)
-    resp = _body_response_cache.get(key)
+    resp = cache.get(key)
     if resp is None:
-        if len(_body_response_cache) >= _RESPONSE_CACHE_MAX:
-            _body_response_cache.clear()
-        resp = _body_response_cache[key] = ep.ProcessingResponse(
-            request_body=ep.BodyResponse(response=_common(*key))
+        if len(cache) >= _RESPONSE_CACHE_MAX:
+            cache.clear()
+        common = _common(*key)
+        resp = cache[key] = (
+            ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
+            if body_phase
+            else ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
         )
     return resp
 
@@ -350,7 +353,10 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[ep.ProcessingResponse]:
         if self.auth is not None:
-            await self.auth.admit(context, EXT_PROC_SERVICE)  # aborts the stream if not
+            # One stream per request: the check inline, no coroutine unless it fails.
+            md = context.invocation_metadata()
+            if not self.auth.authorised(md):
+                await self.auth.refuse(context, EXT_PROC_SERVICE, md)  # aborts the stream
         stats = self.router.stats
         stats.streams_open += 1
         stats.streams_total += 1

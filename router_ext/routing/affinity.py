@@ -241,11 +241,16 @@ class PrefixCacheScorer(Scorer[PrefixState]):
         if not hashes:
             return None
         n = len(hashes)
+        first = self._holders.get(hashes[0])
+        if first is None:  # no pod holds even the first block: a miss everywhere
+            return [0.0] * len(candidates)
         spill = self.params.spill_waiting
         picks = view.picks
+        ident = state.ident
         out: list[float | None] = []
         for p in candidates:
-            matched = self._matched(state.ident[p.index], hashes)
+            key = ident[p.index]
+            matched = self._matched(key, hashes) if key in first else 0
             if matched:
                 m = p.score_metrics
                 if m is not None and m.waiting + picks[p.index] >= spill:

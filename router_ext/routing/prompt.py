@@ -10,12 +10,13 @@ whatever their JSON spelling (key order, whitespace, `content` as a string or as
     completions  the prompt string (a list of strings: joined by "\\x1f"; token ids: their
                  decimal spelling, so token prompts still share prefixes among themselves)
 
-That text is cut into `block_chars` blocks and hashed as a chain (xxh3-64, each block seeded by
-the previous block's hash, the first by the model name): block i's hash names the whole prefix
-up to and including block i, as vLLM's block hashes do. Like llm-d's approximate prefix scorer
-this needs no tokenizer; ~4 characters are one token, so 256-character blocks are ~64 tokens.
-At most `max_blocks` are hashed, so a huge prompt costs the same as a long one. Parsing is
-bounded by the body cap (orjson: ~50 µs at 128 KB, ~0.45 ms at 1 MiB on this machine).
+That text (as UTF-8) is cut into `block_chars`-byte blocks and hashed as a chain (xxh3-64,
+each block seeded by the previous block's hash, the first by the model name): block i's hash
+names the whole prefix up to and including block i, as vLLM's block hashes do. Like llm-d's
+approximate prefix scorer this needs no tokenizer; ~4 characters are one token, so 256-byte
+blocks are ~64 tokens. At most `max_blocks` are hashed, so a huge prompt costs the same as a
+long one. Parsing is bounded by the body cap (orjson: ~50 µs at 128 KB, ~0.45 ms at 1 MiB on
+this machine).
 """
 
 from __future__ import annotations
@@ -103,10 +104,13 @@ def block_hashes(text: str, namespace: str, block_chars: int, max_blocks: int) -
     """Chained hashes of the full `block_chars` blocks of `text` (a partial last block is not
     hashed: an engine caches whole blocks only)."""
     h = _xxh(namespace.encode())
+    # Blocks of the UTF-8 bytes, encoded once (slicing bytes is ~3x cheaper than encoding
+    # each character block); for ASCII text the same blocks as characters.
+    raw = text.encode("utf-8", "surrogatepass")
     out = []
-    n = min(len(text) // block_chars, max_blocks)
-    for i in range(n):
-        h = _xxh(text[i * block_chars : (i + 1) * block_chars].encode(), h)
+    n = min(len(raw) // block_chars, max_blocks)
+    for i in range(0, n * block_chars, block_chars):
+        h = _xxh(raw[i : i + block_chars], h)
         out.append(h)
     return tuple(out)
 
