@@ -41,10 +41,13 @@ LOAD = ({"name": "queue", "weight": 2.0, "params": {"running_tie_break": True}},
 REQUESTS = ({"name": "requests", "weight": 2.0},)
 
 
-def _prefix(spill: float, weight: float, load: tuple[dict[str, Any], ...] = LOAD) -> dict[str, Any]:
+def _prefix(
+    spill: float, weight: float, load: tuple[dict[str, Any], ...] = LOAD, spread: float = 0.3
+) -> dict[str, Any]:
+    params = {"spill_waiting": spill, "miss_spread": spread}
     return {
         "scorers": [
-            {"name": "prefix-cache", "weight": weight, "params": {"spill_waiting": spill}},
+            {"name": "prefix-cache", "weight": weight, "params": params},
             *load,
             {"name": "kv-cache", "weight": 1.0},
         ]
@@ -63,7 +66,8 @@ def _session(spill: float, weight: float) -> dict[str, Any]:
 VARIANTS = {
     "shared-prefix": {
         **{f"p-spill{s:g}-w{w:g}": _prefix(s, w) for s, w in ((1, 3), (2, 3), (4, 3), (8, 3))},
-        **{f"p-req-spill{s:g}-w{w:g}": _prefix(s, w, REQUESTS) for s, w in ((4, 3), (8, 2))},
+        **{f"p-req-spill{s:g}-w{w:g}": _prefix(s, w, REQUESTS) for s, w in ((4, 3),)},
+        "p-spill8-w3-nospread": _prefix(8, 3, spread=0.0),
     },
     "multi-turn": {
         f"s-spill{s:g}-w{w:g}": _session(s, w) for s, w in ((1, 4), (2, 4), (4, 4), (16, 4))
@@ -141,8 +145,10 @@ def run(quick: bool = False, workload: str = "shared-prefix", rounds: int = 2) -
         )
         + "\n\n`p-spillS-wW`: prefix-cache weight W with spill_waiting S, plus queue x2 and "
         "kv-cache x1 (the built-in's load scorers); `p-req-…`: the same with requests x2 "
-        "(running + waiting + picks) instead of queue. `s-spillS-wW`: session-affinity weight W "
-        "with spill_waiting S, plus requests x1.\n"
+        "(running + waiting + picks) instead of queue; `nospread`: miss_spread 0 (a new prefix "
+        "placed by load alone); the others miss_spread 0.3 (the built-in uses 0). "
+        "`s-spillS-wW`: "
+        "session-affinity weight W with spill_waiting S, plus requests x1.\n"
     )
     write_result(
         f"prefix_tuning_{workload.replace('-', '_')}",

@@ -99,6 +99,18 @@ class PrefixParams(PluginParams):
             "(with it: num_gpu_blocks x block_size tokens, in blocks of this size)."
         ),
     )
+    miss_spread: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description=(
+            "On a prefix no pod holds, the score of the candidate holding the fewest indexed "
+            "blocks (0 for the most), like sglang's smallest-tree rule. Off by default: at 90 % "
+            "load it made no measurable difference (benchmarks/results/"
+            "prefix_tuning_shared_prefix.md), and off, a miss is placed by load alone."
+        ),
+    )
     spill_waiting: float = Field(
         default=8.0,
         gt=0,
@@ -242,8 +254,12 @@ class PrefixCacheScorer(Scorer[PrefixState]):
             return None
         n = len(hashes)
         first = self._holders.get(hashes[0])
-        if first is None:  # no pod holds even the first block: a miss everywhere
-            return [0.0] * len(candidates)
+        if first is None:
+            # A prefix no pod holds: by load alone, or (miss_spread > 0) also by what each pod
+            # already holds, as sglang's cache-aware policy sends a miss to its smallest tree.
+            if not self.params.miss_spread:
+                return [0.0] * len(candidates)
+            return self._spread(state, candidates)
         spill = self.params.spill_waiting
         picks = view.picks
         ident = state.ident
@@ -257,6 +273,18 @@ class PrefixCacheScorer(Scorer[PrefixState]):
                     matched = 0
             out.append(matched / n)
         return out
+
+    def _spread(self, state: PrefixState, candidates: Sequence[PodStatus]) -> list[float | None]:
+        pods = self._pods
+        ident = state.ident
+        sizes = [
+            len(i.lru) if (i := pods.get(ident[p.index])) is not None else 0 for p in candidates
+        ]
+        hi, lo = max(sizes), min(sizes)
+        if hi == lo:
+            return [0.0] * len(candidates)
+        spread = self.params.miss_spread / (hi - lo)
+        return [(hi - x) * spread for x in sizes]
 
     def on_pick(self, ctx: RequestContext, view: PoolView, decision: Decision) -> None:
         hashes = ctx.prefix_hashes
@@ -302,12 +330,15 @@ class SessionParams(PluginParams):
         description="Points per pod on the hash ring (more: a more even spread of sessions).",
     )
     spill_waiting: float = Field(
-        default=16.0,
+        default=4.0,
         gt=0,
         allow_inf_nan=False,
         description=(
             "A session's pod with this many requests waiting scores 0 for it: the session "
-            "moves rather than queue (its prefix cache is lost, but so is the wait)."
+            "moves rather than queue (its prefix cache is lost, but so is the wait). 4: at "
+            "90 % load, 16 kept sessions put (76 % hits) but doubled TTFT p90 over "
+            "least-request; 2-4 matched least-request (benchmarks/results/"
+            "prefix_tuning_multi_turn.md)."
         ),
     )
 
