@@ -198,6 +198,19 @@ def summarize(
     )
 
 
+def median_cells(cells: Sequence[Cell]) -> list[Cell]:
+    """Per (router, rate) the cell with the median TTFT p90 (the lower middle one of an even
+    count)."""
+    groups: dict[tuple[str, float], list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.name, c.rate), []).append(c)
+    out = []
+    for group in groups.values():
+        ranked = sorted(group, key=_p90_key)
+        out.append(ranked[(len(ranked) - 1) // 2])
+    return out
+
+
 def _ms(x: float) -> str:
     return "-" if math.isnan(x) else f"{x * 1e3:.0f}"
 
@@ -441,7 +454,12 @@ def run(
     quick: bool = False,
     workload: str = "shared-prefix",
     peers: bool = True,
+    fractions: Sequence[float] = RATE_FRACTIONS,
+    rounds: int = 1,
 ) -> str:
+    """`rounds` > 1: every cell that many times (rotated, a new arrival plan each round); the
+    table shows each router's median cell by TTFT p90 and lists every cell after it, into
+    `<result>_rounds.md` so the one-round result is kept."""
     if workload not in ROUTERS:
         raise BenchError(f"workload {workload!r}: choose one of {', '.join(ROUTERS)}")
     duration = 4.0 if quick else 20.0
@@ -474,7 +492,7 @@ def run(
         stack.start(timeout=90)
         pods = list(stack.pods.values())
         capacity, per_pod = measure_capacity(pods, workload, cap_s, warm_s, salt)
-        rates = rates_for(capacity)
+        rates = rates_for(capacity, fractions)
         print(
             f"capacity {capacity:.2f} req/s ({', '.join(f'{x:.2f}' for x in per_pod)} per pod); "
             f"rates {rates}",
@@ -489,10 +507,13 @@ def run(
             )
         names = [*profiles, *peer_urls]
         cell_seed = 0
-        for ri, rate in enumerate(rates):
-            for name in rotated(names, ri):
+        schedule = [(rnd, ri, rate) for rnd in range(rounds) for ri, rate in enumerate(rates)]
+        for rnd, ri, rate in schedule:
+            for name in rotated(names, ri + rnd):
                 cell_seed += 1
-                plan = plan_for(workload, rate, duration, 100 + ri, 1000 + cell_seed, salt)
+                plan = plan_for(
+                    workload, rate, duration, 100 + ri + 1000 * rnd, 1000 + cell_seed, salt
+                )
                 if name in peer_urls:
                     url, headers, strategy = peer_urls[name], {}, None
                 else:
@@ -537,11 +558,18 @@ def run(
         notes.insert(
             0, "`--quick` smoke run (4 s cells): numbers show the harness works, not the result."
         )
+    every = cells
+    if rounds > 1:
+        cells = median_cells(cells)
+        notes.append(
+            f"{rounds} rounds per cell; the table shows each router's median cell by TTFT p90. "
+            "Every cell:\n\n" + table(every, rates)
+        )
     md = _markdown(
         workload, cells, rates, capacity, per_pod, duration, cap_s, warm_s, args, versions,
         load_start, notes,
     )  # fmt: skip
-    name = RESULT_NAME[workload]
+    name = RESULT_NAME[workload] + ("_rounds" if rounds > 1 else "")
     _plot(cells, rates, workload, name)
     title = "Shared-prefix routing" if workload == "shared-prefix" else "Multi-turn routing"
     write_result(name, f"# {title}\n\n" + machine_markdown() + "\n" + md)
@@ -574,7 +602,7 @@ def _markdown(
         f"every pod seeing every prefix group; per pod {MAX_RUNNING} / mean latency of the "
         f"requests started after the first {warm_s:g} s (Little's law) "
         f"({', '.join(f'{x:.2f}' for x in per_pod)} req/s). Rates = "
-        f"{', '.join(f'{f:.0%}' for f in RATE_FRACTIONS)} of it.\n",
+        f"{', '.join(f'{r / capacity:.0%}' for r in rates)} of it.\n",
         table(cells, rates),
         "`prefix hit rate`: the pods' own `vllm:prefix_cache_hits_total / "
         "queries_total` over the cell. `pods per group`: distinct pods that served one prefix "
@@ -630,9 +658,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 s cells (under 3 minutes)")
     ap.add_argument("--workload", choices=tuple(ROUTERS), default="shared-prefix")
     ap.add_argument("--no-peer", action="store_true", help="skip vllm-router and sglang-router")
+    ap.add_argument(
+        "--fractions",
+        default="",
+        help="rates as fractions of capacity, e.g. 0.9 (default 0.5,0.7,0.9)",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="cells per router and rate")
     args = ap.parse_args()
+    fr = tuple(float(x) for x in args.fractions.split(",")) if args.fractions else RATE_FRACTIONS
     t0 = time.monotonic()
-    print(run(quick=args.quick, workload=args.workload, peers=not args.no_peer))
+    print(
+        run(
+            quick=args.quick,
+            workload=args.workload,
+            peers=not args.no_peer,
+            fractions=fr,
+            rounds=args.rounds,
+        )
+    )
     print(f"took {time.monotonic() - t0:.0f} s")
 
 

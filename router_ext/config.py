@@ -387,7 +387,8 @@ class RoutingSection(_Strict):
         default=BUILTIN_NAMES,
         description=(
             "Profiles a client may ask for with x-routing-strategy-request (others get HTTP "
-            "400, as unknown ones). Default: the built-ins, which only reorder pods by load; "
+            "400, as unknown ones). Default: the built-ins, which only reorder the pods that "
+            "serve the request's model (by load, prefix, session); "
             "a configured profile is selectable only once listed here, so adding one for one "
             "tenant or an experiment exposes nothing. The default profile is always allowed."
         ),
