@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -93,22 +94,18 @@ class _HotPathCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         s = self.stats
         names = self.labels()
-        c = CounterMetricFamily(
-            f"{PREFIX}_decisions",
+        yield _labelled(
+            "decisions",
             "Routing decisions by strategy actually used and outcome.",
-            labels=["strategy", "outcome"],
+            ["strategy", "outcome"],
+            s.decisions,
         )
-        for (strat, outcome), n in sorted(s.decisions.items()):
-            c.add_metric([strat, outcome], n)
-        yield c
-        d = CounterMetricFamily(
-            f"{PREFIX}_degraded_decisions",
+        yield _labelled(
+            "degraded_decisions",
             "Decisions where the requested metric strategy fell back, by reason.",
-            labels=["strategy", "reason"],
+            ["strategy", "reason"],
+            s.degraded,
         )
-        for (strat, reason), n in sorted(s.degraded.items()):
-            d.add_metric([strat, reason], n)
-        yield d
         h = HistogramMetricFamily(
             f"{PREFIX}_decision_duration_seconds",
             "Time from request headers received to answer built (strategy + encoding).",
@@ -170,15 +167,13 @@ class _HotPathCollector(Collector):
                 pb.append((_fmt(bound), acc))
             ph.add_metric([plugin, phase], pb, cost.sum)
         yield ph
-        bm = CounterMetricFamily(
-            f"{PREFIX}_model_decisions",
+        yield _labelled(
+            "model_decisions",
             "Routed decisions by the model the request named (models the pool serves only) and "
             "the profile asked for.",
-            labels=["model", "strategy"],
+            ["model", "strategy"],
+            s.by_model,
         )
-        for (model, strat), n in sorted(s.by_model.items()):
-            bm.add_metric([model, strat], n)
-        yield bm
         yield CounterMetricFamily(
             f"{PREFIX}_body_reads",
             "Request bodies the router asked Envoy for and read (body-reading profiles only).",
@@ -187,16 +182,14 @@ class _HotPathCollector(Collector):
         yield CounterMetricFamily(
             f"{PREFIX}_body_read_bytes", "Bytes of the bodies read.", value=s.body_bytes
         )
-        sk = CounterMetricFamily(
-            f"{PREFIX}_body_skipped",
+        yield _labelled(
+            "body_skipped",
             "Requests of a body-reading profile routed from headers alone, by reason "
             "(no_length: chunked upload; too_large: over routing.max_body_bytes; encoded: "
             "content-encoding; not_json, bad_messages, ...: a body that gave no prompt).",
-            labels=["reason"],
+            ["reason"],
+            {(reason,): n for reason, n in s.body_skipped.items()},
         )
-        for reason, n in s.body_skipped.items():
-            sk.add_metric([reason], n)
-        yield sk
         yield CounterMetricFamily(
             f"{PREFIX}_prefix_routed_blocks",
             "Prompt blocks of requests routed by the prefix scorer (the denominator of the "
@@ -254,6 +247,19 @@ class _FleetCollector(Collector):
             "EDS versions Envoy rejected (logged once per version with Envoy's reason).",
             value=eds.nacks,
         )
+
+
+_K = TypeVar("_K", bound=tuple[str, ...])
+
+
+def _labelled(
+    name: str, doc: str, labels: list[str], counts: Mapping[_K, int]
+) -> CounterMetricFamily:
+    """One counter family from a hot-path dict of label values -> count."""
+    fam = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
+    for key, n in sorted(counts.items()):
+        fam.add_metric(list(key), n)
+    return fam
 
 
 def _fmt(b: float) -> str:

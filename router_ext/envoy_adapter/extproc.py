@@ -203,6 +203,19 @@ _LENGTH = "content-length"
 _ENCODING = "content-encoding"
 _IDENTITY = ("", "identity")
 _NO_MODEL = (MODEL_NONE, MODEL_NOT_JSON)
+#: Slots of request_context's header pass (the order its unpacking reads them in).
+_SLOTS = {
+    _PATH: 0,
+    _METHOD: 1,
+    _MODEL: 2,
+    _REQ_ID: 3,
+    _LENGTH: 4,
+    _STRATEGY_REQ: 5,
+    _ENCODING: 7,
+    _TARGET: 8,
+}
+_SESSION_SLOT = 6
+_NSLOTS = 9
 
 
 class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -210,6 +223,9 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.router = router
         self._spoof_logged = False
         self._session_header = router.cfg.routing.session_header
+        # Header name -> its slot in request_context's one pass: one dict lookup per header
+        # (measured: the same instructions as a chain of comparisons, one place to extend).
+        self._slots = {**_SLOTS, self._session_header: _SESSION_SLOT}
         self._max_body = router.cfg.routing.max_body_bytes
         self._epp = router.cfg.router.answer == "epp"
         #: Set by the server when router.auth.mode is token: every stream must carry it.
@@ -221,30 +237,15 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         The hot path's biggest cost after routing itself: one pass, raw bytes kept until the
         end, each value decoded once, the context built in one call.
         """
-        profile = request_id = model = session = path = method = length = encoding = None
-        spoofed = False
-        session_name = self._session_header
+        slots = self._slots
+        v: list[bytes | None] = [None] * _NSLOTS
         for h in msg.headers.headers:
-            k = h.key
-            if k == _PATH:
-                path = h.raw_value or h.value.encode()
-            elif k == _METHOD:
-                method = h.raw_value or h.value.encode()
-            elif k == _MODEL:
-                model = h.raw_value or h.value.encode()
-            elif k == _REQ_ID:
-                request_id = h.raw_value or h.value.encode()
-            elif k == _LENGTH:
-                length = h.raw_value or h.value.encode()
-            elif k == _STRATEGY_REQ:
-                profile = h.raw_value or h.value.encode()
-            elif k == session_name:
-                session = h.raw_value or h.value.encode()
-            elif k == _ENCODING:
-                encoding = h.raw_value or h.value.encode()
-            elif k == _TARGET:
-                spoofed = True
-                self._client_target_header()
+            i = slots.get(h.key)
+            if i is not None:
+                v[i] = h.raw_value or h.value.encode()
+        path, method, model, request_id, length, profile, session, encoding, spoof = v
+        if spoof is not None:
+            self._client_target_header()
         model_header = model_name = None
         if model is not None:
             model_header = model.decode("utf-8", "replace").strip()
@@ -253,7 +254,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         return RequestContext(
             (profile.decode("utf-8", "replace").strip() or None) if profile else None,
             request_id.decode("utf-8", "replace") if request_id else "",
-            spoofed,
+            spoof is not None,
             model_name,
             model_header,
             None,
