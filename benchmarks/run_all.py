@@ -18,6 +18,7 @@ from benchmarks import (
     decision_cost,
     overhead,
     quality,
+    replicas,
     scrape_cost,
     scrape_load,
     shared_prefix,
@@ -50,6 +51,7 @@ def _targets() -> str:
         "scrape_load",
         "quality",
         "shared_prefix",
+        "replicas",
         "body_cost",
         "soak",
     ):
@@ -104,6 +106,9 @@ def main() -> None:
     shared_prefix.run(quick=quick, workload="multi-turn")
     timings["shared prefix + multi-turn"] = time.monotonic() - t
     t = time.monotonic()
+    replicas.run(quick=quick)  # router replicas active-active; benchmarks/results/replicas.md
+    timings["replicas"] = time.monotonic() - t
+    t = time.monotonic()
     try:
         body_cost.run(quick=quick)
     except BenchError as e:
@@ -141,7 +146,7 @@ Reproduce everything: `make bench` (or `python -m benchmarks.run_all`; `--quick`
 Each part alone: `python -m benchmarks.overhead`, `python -m benchmarks.decision_cost`,
 `python -m benchmarks.scrape_cost`, `python -m benchmarks.scrape_load`,
 `python -m benchmarks.quality`, `python -m benchmarks.shared_prefix [--workload multi-turn]`,
-`python -m benchmarks.body_cost`,
+`python -m benchmarks.replicas`, `python -m benchmarks.body_cost`,
 `python -m benchmarks.peer_vllm_router` (all accept `--quick`).
 Raw per-part results: `benchmarks/results/*.md`.
 
@@ -169,6 +174,9 @@ Raw per-part results: `benchmarks/results/*.md`.
 ## Multi-turn routing (`python -m benchmarks.shared_prefix --workload multi-turn`)
 
 {_section("multi_turn").split(chr(10), 4)[-1].replace("../../docs/", "")}
+## Router replicas, active-active (`python -m benchmarks.replicas`)
+
+{_section("replicas").split(chr(10), 4)[-1].replace(chr(10) + "## ", chr(10) + "### ")}
 ## Body cost: prefix-aware vs header-only (`python -m benchmarks.body_cost`)
 
 {_section("body_cost").split(chr(10), 4)[-1]}

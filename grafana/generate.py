@@ -229,6 +229,23 @@ def overview_panels() -> list[Panel]:
             ],
         ),
         Panel(
+            "Replicas: decisions seen in the access log",
+            "Entries each replica matched: own decisions, peers' (counted as load and learned), "
+            "ended requests whose placement it never saw (a restarted replica warming up); "
+            "and entries that changed nothing (duplicate, late, retry, bad_prefix).",
+            [
+                Target(
+                    "sum by (instance, kind, origin) "
+                    "(rate(router_ext_replication_entries_total[$__rate_interval]))",
+                    "{{instance}} {{kind}} {{origin}}",
+                ),
+                Target(
+                    _rate("router_ext_replication_ignored_total", "reason"), "ignored {{reason}}"
+                ),
+            ],
+            unit="ops",
+        ),
+        Panel(
             "Config and input errors",
             "Pods-file loads that failed, and requests that still carried a client-sent "
             "x-target-pod (Envoy should strip it): both should stay 0.",

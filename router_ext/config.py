@@ -33,6 +33,10 @@ STRATEGY_REQUEST_HEADER = "x-routing-strategy-request"
 SERVED_BY_HEADER = "x-served-by"
 #: Envoy's request id; used to tag log lines.
 REQUEST_ID_HEADER = "x-request-id"
+#: Set by router-ext on a request its prefix scorer judged: the prompt's block-hash chain the
+#: decision used (base64url of big-endian 64-bit hashes). Envoy logs it to every replica, so a
+#: replica learns a placement it did not make. Stripped from client requests.
+PREFIX_HEADER = "x-router-ext-prefix"
 
 #: Set by Envoy, never by a client: the body's `model`, lifted by Envoy's json_to_metadata filter
 #: into dynamic metadata (namespace MODEL_METADATA_NAMESPACE, key "model") and copied into this
@@ -44,7 +48,7 @@ MODEL_METADATA_NAMESPACE = "router_ext"
 #: that is not JSON. A request without a body (GET) carries no MODEL_HEADER at all.
 MODEL_NONE = "<none>"
 MODEL_NOT_JSON = "<not-json>"
-#: Default header naming a client session (routing.session_header): sticky by rendezvous hash.
+#: Default header naming a client session (routing.session_header): sticky by consistent hashing.
 SESSION_HEADER = "x-session-id"
 
 #: The only request headers router-ext reads. Envoy forwards just these to it (ext_proc
@@ -155,6 +159,41 @@ class RouterSection(_Strict):
             "then exit."
         ),
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Router processes `router-ext serve` starts on this host (one per core): worker i "
+            "listens on grpc.port + i, metrics.port + 2i and admin.port + 2i (metrics and "
+            "admin defaults are adjacent, so they interleave). `router-ext envoy-config` lists "
+            "every worker in the ext_proc cluster and gives each its own access logger."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _worker_ports(self) -> RouterSection:
+        if self.workers == 1:
+            return self
+        taken: dict[int, str] = {}
+        for i in range(self.workers):
+            for what, listen, step in (
+                ("grpc", self.grpc, 1),
+                ("metrics", self.metrics, 2),
+                ("admin", self.admin, 2),
+            ):
+                if listen.port == 0:
+                    raise ValueError(f"router.workers > 1 needs a fixed router.{what}.port")
+                port = listen.port + step * i
+                if port > 65535:
+                    raise ValueError(f"worker {i}'s {what} port {port} is past 65535")
+                if port in taken:
+                    raise ValueError(
+                        f"worker {i}'s {what} port {port} is also {taken[port]}'s: move "
+                        f"router.{what}.port"
+                    )
+                taken[port] = f"worker {i}'s {what}"
+        return self
 
 
 class KubernetesSection(_Strict):
@@ -434,7 +473,7 @@ class RoutingSection(_Strict):
         pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
         description=(
             "Request header naming a client session (lower case). Profiles with the session "
-            "scorer keep a session on one pod by rendezvous hashing: no stored state, the same "
+            "scorer keep a session on one pod by consistent hashing: no stored state, the same "
             "answer on every router replica and after a restart."
         ),
     )
@@ -552,6 +591,27 @@ class EnvoySection(_Strict):
         default=None,
         description="How Envoy reaches router-ext (the ext_proc cluster). Defaults to router.grpc.",
     )
+    router_addresses: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description=(
+            "Router replicas on other hosts (host:port each): every one is an ext_proc endpoint "
+            "and gets its own access logger, so each replica sees every request's outcome. "
+            "Overrides router_address and router.workers for Envoy."
+        ),
+    )
+
+    @field_validator("router_addresses")
+    @classmethod
+    def _host_ports(cls, v: list[str]) -> list[str]:
+        for a in v:
+            host, sep, port = a.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{a!r} is not host:port")
+        if len(set(v)) != len(v):
+            raise ValueError("a replica is listed twice")
+        return v
+
     message_timeout_ms: int = Field(
         default=200,
         ge=10,
@@ -631,6 +691,32 @@ class RouterConfig(_Strict):
     @property
     def ext_proc_address(self) -> str:
         return self.envoy.router_address or self.router.grpc.address
+
+    @property
+    def replica_addresses(self) -> list[str]:
+        """Every router replica Envoy must reach: router_addresses, else router.workers
+        consecutive ports from ext_proc_address."""
+        if self.envoy.router_addresses:
+            return list(self.envoy.router_addresses)
+        base = self.ext_proc_address
+        if self.router.workers == 1:
+            return [base]
+        host, _, port = base.rpartition(":")
+        return [f"{host}:{int(port) + i}" for i in range(self.router.workers)]
+
+    def for_worker(self, i: int) -> RouterConfig:
+        """The config worker `i` of router.workers runs with: its own ports."""
+        r = self.router
+        if not 0 <= i < r.workers:
+            raise ConfigError(f"worker {i} out of range: router.workers is {r.workers}")
+        router = r.model_copy(
+            update={
+                "grpc": r.grpc.model_copy(update={"port": r.grpc.port + i}),
+                "metrics": r.metrics.model_copy(update={"port": r.metrics.port + 2 * i}),
+                "admin": r.admin.model_copy(update={"port": r.admin.port + 2 * i}),
+            }
+        )
+        return self.model_copy(update={"router": router})
 
 
 def load_config(path: str | Path | None) -> RouterConfig:

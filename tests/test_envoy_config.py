@@ -386,7 +386,7 @@ KEY_SETTINGS: list[tuple[str, Callable[[dict[str, Any]], Any], Any]] = [
             m["remove"]
             for m in _hcm(b)["early_header_mutation_extensions"][0]["typed_config"]["mutations"]
         ],
-        [rc.TARGET_POD_HEADER, rc.STRATEGY_USED_HEADER, rc.MODEL_HEADER],
+        [rc.TARGET_POD_HEADER, rc.STRATEGY_USED_HEADER, rc.MODEL_HEADER, rc.PREFIX_HEADER],
     ),
     ("stat_prefix", lambda b: _hcm(b)["stat_prefix"], "ingress"),
     ("codec", lambda b: _hcm(b)["codec_type"], "AUTO"),
@@ -432,7 +432,7 @@ KEY_SETTINGS: list[tuple[str, Callable[[dict[str, Any]], Any], Any]] = [
         lambda b: _access_log(b, "envoy.access_loggers.http_grpc")[
             "additional_request_headers_to_log"
         ],
-        [rc.TARGET_POD_HEADER, rc.STRATEGY_USED_HEADER, rc.REQUEST_ID_HEADER],
+        [rc.TARGET_POD_HEADER, rc.STRATEGY_USED_HEADER, rc.REQUEST_ID_HEADER, rc.PREFIX_HEADER],
     ),
     (
         "file access log path",

@@ -11,7 +11,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2 as al
 from prometheus_client import generate_latest
 
 from router_ext.app.telemetry import Telemetry
-from router_ext.fleet.feedback import CUT_REASONS, FeedbackSink
+from router_ext.fleet.feedback import CUT_REASONS, FeedbackSink, LogEntry
 
 NOW = 1_800_000_000.0  # the sink's wall clock in these tests (entries are relative to it)
 
@@ -50,7 +50,13 @@ def entry(
 class Spy:
     def __init__(self) -> None:
         self.marked: list[tuple[str, str]] = []
-        self.done: list[str] = []
+        self.done: list[str] = []  # primaries of ended requests (the ledger ends their pick)
+        self.entries: list[LogEntry] = []
+
+    def record(self, e: LogEntry) -> None:
+        self.entries.append(e)
+        if not e.placed and e.primary:
+            self.done.append(e.primary)
 
     def mark(self, addr: str, why: str) -> bool:
         if any(a == addr for a, _ in self.marked):
@@ -59,7 +65,7 @@ class Spy:
         return True
 
     def sink(self, **kw: Any) -> FeedbackSink:
-        return FeedbackSink(self.mark, self.done.append, clock=lambda: NOW, **kw)
+        return FeedbackSink(self.mark, self.record, clock=lambda: NOW, **kw)
 
 
 def test_connect_failure_marks_the_pod_at_once() -> None:
@@ -309,7 +315,7 @@ def test_rejections_are_exported_per_reason() -> None:
 def test_default_clock_is_wall_time() -> None:
     # Envoy's start_time is wall-clock time: an entry made now is fresh for a default sink.
     spy = Spy()
-    sink = FeedbackSink(spy.mark, spy.done.append)
+    sink = FeedbackSink(spy.mark, spy.record)
     e = entry("10.0.0.1:80", "10.0.0.1:80")
     e.common_properties.start_time.FromNanoseconds(time.time_ns())
     sink.apply([e])

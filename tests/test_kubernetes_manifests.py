@@ -69,6 +69,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         },
         "auth": {"token": "t" * 32},
     },
+    # `--set router.replicas=3`: three StatefulSet pods, three names in Envoy's bootstrap.
+    "three-routers": {"router": {"replicas": 3}},
     "pods-kind": {"discovery": {"kind": "pods", "selector": {"app": "vllm"}, "targetPort": 8000}},
     "no-envoy-epp": {
         "envoy": {"enabled": False},
@@ -171,10 +173,10 @@ def test_objects_validate_strictly_against_oldest_and_newest_kubernetes(
 
 def test_strict_validation_catches_an_unknown_field(tmp_path: Path) -> None:
     """The validator run above is not a rubber stamp: a misspelt field fails it."""
-    deploy = one(render(), "Deployment", "-router")
-    pod_spec(deploy)["containers"][0]["readinesProbe"] = {"grpc": {"port": 50051}}
+    sts = one(render(), "StatefulSet", "-router")
+    pod_spec(sts)["containers"][0]["readinesProbe"] = {"grpc": {"port": 50051}}
     f = tmp_path / "bad.yaml"
-    f.write_text(yaml.safe_dump(deploy))
+    f.write_text(yaml.safe_dump(sts))
     exe = Path(sys.executable).parent / "kubernetes-validate"
     r = subprocess.run([str(exe), "--strict", "-k", OLDEST_K8S, str(f)], capture_output=True)
     assert r.returncode != 0 and b"readinesProbe" in r.stdout + r.stderr
@@ -315,15 +317,19 @@ def test_envoy_bootstrap_from_the_chart_config_passes_envoy_validate(
     assert r.returncode == 0, r.stdout + r.stderr
     doc = yaml.safe_load(bootstrap.read_text())
     clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
-    # Pods over gRPC EDS from router-ext, at the router Service's DNS name: separate pods.
+    # Pods over gRPC EDS from router-ext, at router DNS names under the headless Service (the
+    # Service's own name or a replica's): separate pods.
     eds = clusters["pods"]["eds_cluster_config"]["eds_config"]["api_config_source"]
     assert eds["api_type"] == "GRPC"
     xds = clusters[eds["grpc_services"][0]["envoy_grpc"]["cluster_name"]]
-    sock = xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
     svc = one(default_objects, "Service", "-router")
-    want_host = f"{svc['metadata']['name']}.router-ext.svc.cluster.local"
-    assert sock["socket_address"]["address"] == want_host
-    assert sock["socket_address"]["port_value"] == svc["spec"]["ports"][0]["port"]
+    svc_host = f"{svc['metadata']['name']}.router-ext.svc.cluster.local"
+    port = svc["spec"]["ports"][0]["port"]
+    xds_hosts = _endpoints(xds)
+    assert xds_hosts
+    for h in xds_hosts:
+        host, _, p = h.rpartition(":")
+        assert (host == svc_host or host.endswith("." + svc_host)) and int(p) == port, h
     # The listener is the port the Envoy container declares and its Service targets.
     listener = doc["static_resources"]["listeners"][0]["address"]["socket_address"]
     envoy = one(default_objects, "Deployment", "-envoy")
@@ -336,17 +342,165 @@ def test_envoy_bootstrap_from_the_chart_config_passes_envoy_validate(
     assert cmd[cmd.index("-c") + 1] == f"{out_dir}/envoy.yaml"
 
 
+def _endpoints(cluster: dict[str, Any]) -> list[str]:
+    """host:port of every endpoint a static cluster lists."""
+    return [
+        f"{e['endpoint']['address']['socket_address']['address']}:"
+        f"{e['endpoint']['address']['socket_address']['port_value']}"
+        for group in cluster["load_assignment"]["endpoints"]
+        for e in group["lb_endpoints"]
+    ]
+
+
+def _bootstrap(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The bootstrap `router-ext envoy-config` renders from the chart's router config."""
+    text = gen.envoy_bootstrap_redacted(gen.router_config_text(gen.render_chart(values)))
+    doc: dict[str, Any] = yaml.safe_load(text)
+    return doc
+
+
+def _replica_names(objs: list[dict[str, Any]], ns: str = "router-ext") -> list[str]:
+    """host:port of each router replica: <statefulset>-<i>.<headless service>.<ns>.svc...."""
+    sts = one(objs, "StatefulSet", "-router")
+    svc = one(objs, "Service", "-router")
+    assert sts["spec"]["serviceName"] == svc["metadata"]["name"]
+    port = svc["spec"]["ports"][0]["port"]
+    return [
+        f"{sts['metadata']['name']}-{i}.{svc['metadata']['name']}.{ns}.svc.cluster.local:{port}"
+        for i in range(sts["spec"]["replicas"])
+    ]
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_envoy_gets_one_access_logger_per_router_replica(replicas: int) -> None:
+    """N replicas in the chart -> the ext_proc cluster lists all N by their stable names, and
+    the connection manager's access log and the router filter's upstream log each hold one
+    gRPC logger per replica, on a cluster that reaches that replica alone."""
+    values = {"router": {"replicas": replicas}}
+    names = _replica_names(render(values))
+    assert len(names) == replicas
+    doc = _bootstrap(values)
+    clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = {f["name"]: f["typed_config"] for f in hcm["typed_config"]["http_filters"]}
+    ext_proc = filters["envoy.filters.http.ext_proc"]["grpc_service"]["envoy_grpc"]
+    assert sorted(_endpoints(clusters[ext_proc["cluster_name"]])) == sorted(names)
+    logs = {
+        "access_log": hcm["typed_config"].get("access_log", []),
+        "upstream_log": filters["envoy.filters.http.router"].get("upstream_log", []),
+    }
+    if replicas == 1:
+        # One replica: one logger, on the ext_proc cluster itself (the single-router layout).
+        assert len([a for a in logs["access_log"] if a["name"].endswith("http_grpc")]) == 1
+        return
+    for where, loggers in logs.items():
+        grpc_logs = [a for a in loggers if a["name"] == "envoy.access_loggers.http_grpc"]
+        reached = []
+        for a in grpc_logs:
+            target = a["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]
+            (host,) = _endpoints(clusters[target["cluster_name"]])
+            reached.append(host)
+        assert sorted(reached) == sorted(names), where
+
+
+# --- router replicas -------------------------------------------------------------------------
+
+
+def test_router_is_a_parallel_statefulset_of_two_behind_its_headless_service(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    sts = one(default_objects, "StatefulSet", "-router")
+    assert not [
+        o
+        for o in _workloads(default_objects)
+        if o["metadata"]["name"].endswith("-router") and o["kind"] != "StatefulSet"
+    ]
+    assert sts["spec"]["replicas"] == 2
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert sts["spec"]["updateStrategy"] == {"type": "RollingUpdate"}
+    assert "volumeClaimTemplates" not in sts["spec"]  # nothing persisted
+    svc = one(default_objects, "Service", "-router")
+    assert sts["spec"]["serviceName"] == svc["metadata"]["name"]
+    assert svc["spec"]["clusterIP"] == "None"
+    # Only ready routers are resolvable (values.yaml router.service.publishNotReadyAddresses).
+    assert svc["spec"]["publishNotReadyAddresses"] is False
+    # controller-revision-hash=<name>-<10 chars> must fit a 63-character label value.
+    assert len(sts["metadata"]["name"]) <= 52
+
+
+@pytest.mark.parametrize(
+    ("values", "count"),
+    [({}, 2), ({"router": {"replicas": 3}}, 3), ({"router": {"replicas": 1}}, 1)],
+)
+def test_router_config_lists_every_replica_by_its_stable_dns_name(
+    values: dict[str, Any], count: int, tmp_path: Path
+) -> None:
+    objs = render(values)
+    cfg = router_cfg(objs, tmp_path)
+    want = [
+        f"router-ext-router-{i}.router-ext-router.router-ext.svc.cluster.local:50051"
+        for i in range(count)
+    ]
+    assert _replica_names(objs) == want
+    assert cfg.envoy.router_addresses == want
+    assert cfg.replica_addresses == want
+    assert one(objs, "StatefulSet", "-router")["spec"]["replicas"] == count
+    # One process per pod: a second worker would listen where no Service or logger points.
+    assert cfg.router.workers == 1
+
+
+def test_replica_names_follow_namespace_domain_and_name_overrides(tmp_path: Path) -> None:
+    values = {"fullnameOverride": "x" * 60, "clusterDomain": "corp.example"}
+    objs = render(values, namespace="inference")
+    sts = one(objs, "StatefulSet", "-router")
+    name = sts["metadata"]["name"]
+    assert len(name) <= 52 and one(objs, "Service", "-router")["metadata"]["name"] == name
+    cfg = router_cfg(objs, tmp_path)
+    assert cfg.envoy.router_addresses == [
+        f"{name}-{i}.{name}.inference.svc.corp.example:50051" for i in range(2)
+    ]
+
+
+def test_scaling_the_routers_rolls_envoy_but_not_the_running_routers() -> None:
+    def checksums(values: dict[str, Any]) -> tuple[str, str]:
+        objs = render(values)
+        ann = [
+            one(objs, kind, suffix)["spec"]["template"]["metadata"]["annotations"]
+            for kind, suffix in (("Deployment", "-envoy"), ("StatefulSet", "-router"))
+        ]
+        return ann[0]["checksum/config"], ann[1]["checksum/config"]
+
+    envoy2, router2 = checksums({})
+    envoy3, router3 = checksums({"router": {"replicas": 3}})
+    assert envoy2 != envoy3  # Envoy's bootstrap must list the third replica: new pods
+    assert router2 == router3  # the routers never read the replica list
+    # Any other config change still rolls both.
+    envoy_s, router_s = checksums({"config": {"routing": {"default_strategy": "least-kv-cache"}}})
+    assert envoy_s != envoy2 and router_s != router2
+
+
+def test_router_replicas_out_of_range_or_not_headless_fail_rendering() -> None:
+    import helm_python as helm
+
+    for n in (0, 65):
+        with pytest.raises(helm.HelmError, match=r"router\.replicas"):
+            render({"router": {"replicas": n}})
+    with pytest.raises(helm.HelmError, match=r"router\.service\.headless"):
+        render({"router": {"service": {"headless": False}}})
+
+
 # --- cross-references ------------------------------------------------------------------------
 
 
-def _deployments(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [o for o in objs if o["kind"] == "Deployment"]
+def _workloads(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The router StatefulSet and the Envoy Deployment."""
+    return [o for o in objs if o["kind"] in ("Deployment", "StatefulSet")]
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_selectors_ports_probes_and_volumes_resolve(variant: str) -> None:
     objs = render(VARIANTS[variant])
-    deploys = _deployments(objs)
+    deploys = _workloads(objs)
     for d in deploys:
         labels = d["spec"]["template"]["metadata"]["labels"]
         assert selects(d["spec"]["selector"]["matchLabels"], labels)
@@ -409,7 +563,7 @@ def test_router_defaults_replicas_drain_and_security(
     default_objects: list[dict[str, Any]], tmp_path: Path
 ) -> None:
     cfg = router_cfg(default_objects, tmp_path)
-    d = one(default_objects, "Deployment", "-router")
+    d = one(default_objects, "StatefulSet", "-router")
     assert d["spec"]["replicas"] == 2
     spec = pod_spec(d)
     (c,) = spec["containers"]
@@ -443,7 +597,9 @@ def test_network_policy_admits_only_envoy_to_the_grpc_port(
     default_objects: list[dict[str, Any]],
 ) -> None:
     np = one(default_objects, "NetworkPolicy")
-    router = one(default_objects, "Deployment", "-router")["spec"]["template"]["metadata"]["labels"]
+    router = one(default_objects, "StatefulSet", "-router")["spec"]["template"]["metadata"][
+        "labels"
+    ]
     envoy = one(default_objects, "Deployment", "-envoy")["spec"]["template"]["metadata"]["labels"]
     sel = np["spec"]["podSelector"]["matchLabels"]
     assert selects(sel, router) and not selects(sel, envoy)
@@ -609,7 +765,7 @@ def test_role_grants_exactly_what_discovery_requests(kind: str, tmp_path: Path) 
         "name": role["metadata"]["name"],
     }
     sa = one(objs, "ServiceAccount")
-    router = one(objs, "Deployment", "-router")
+    router = one(objs, "StatefulSet", "-router")
     assert pod_spec(router)["serviceAccountName"] == sa["metadata"]["name"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": ns}
@@ -642,7 +798,7 @@ async def test_probes_name_health_services_the_router_serves(
 ) -> None:
     """With no pod discovered yet, the liveness service answers SERVING (an empty fleet must not
     restart routers) and the readiness service NOT_SERVING (not NOT_FOUND)."""
-    c = pod_spec(one(default_objects, "Deployment", "-router"))["containers"][0]
+    c = pod_spec(one(default_objects, "StatefulSet", "-router"))["containers"][0]
     ready_svc = c["readinessProbe"]["grpc"]["service"]
     live_svc = c["livenessProbe"]["grpc"]["service"]
     cfg = RouterConfig.model_validate(

@@ -341,6 +341,20 @@ async def test_prefix_hit_skips_prefill_and_is_namespaced_by_adapter(
     assert await counter(http, fleet, "pod-0", "vllm:prefix_cache_hits") == hits1
 
 
+async def test_flush_cache_makes_the_next_request_cold(
+    fleet: SimFleet, http: aiohttp.ClientSession
+) -> None:
+    # What the replica benchmark does between paired cells: empty caches, counters kept.
+    await fleet.start([SimPodConfig(name="pod-0", model="base", ttft_ms=5)])
+    doc = {"prompt": words("flush", 16000), "max_tokens": 1}
+    await ttft(http, fleet, "pod-0", doc)
+    hits0 = await counter(http, fleet, "pod-0", "vllm:prefix_cache_hits")
+    assert fleet.flush_cache("pod-0") > 0
+    again = await ttft(http, fleet, "pod-0", doc)
+    assert again >= 0.15  # a full prefill again
+    assert await counter(http, fleet, "pod-0", "vllm:prefix_cache_hits") == hits0
+
+
 async def test_prefix_cache_is_bounded_by_kv_blocks_and_spares_running_requests(
     fleet: SimFleet, http: aiohttp.ClientSession
 ) -> None:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from router_ext.app.logs import setup_logging
-from router_ext.config import ConfigError, load_config
+from router_ext.config import ConfigError, RouterConfig, load_config
 
 
 def _add_logging(p: argparse.ArgumentParser) -> None:
@@ -16,11 +16,33 @@ def _add_logging(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
 
 
+def _with_workers(cfg: RouterConfig, workers: int | None) -> RouterConfig:
+    """The config with `--workers N` applied (validated as router.workers would be)."""
+    if workers is None:
+        return cfg
+    try:
+        router = type(cfg.router).model_validate({**cfg.router.model_dump(), "workers": workers})
+    except ValueError as e:
+        raise ConfigError(f"--workers {workers}: {e}") from e
+    return cfg.model_copy(update={"router": router})
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from router_ext.app.server import StartupError, serve
 
-    setup_logging(args.log_level, args.log_json)
-    cfg = load_config(args.config)
+    setup_logging(args.log_level, args.log_json, args.worker)
+    cfg = _with_workers(load_config(args.config), args.workers)
+    if args.worker is not None:
+        cfg = cfg.for_worker(args.worker)
+    elif cfg.router.workers > 1:
+        from router_ext.app.workers import supervise
+
+        child_args = [
+            "--workers", str(cfg.router.workers),
+            "--log-level", args.log_level,
+            *(["--log-json"] if args.log_json else []),
+        ]  # fmt: skip
+        return asyncio.run(supervise(cfg, args.config, child_args))
     try:
         return asyncio.run(serve(cfg))
     except StartupError as e:
@@ -36,7 +58,7 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
     )
     from router_ext.fleet.discovery import DiscoveryError, parse_pods
 
-    cfg = load_config(args.config)
+    cfg = _with_workers(load_config(args.config), args.workers)
     if args.stdout:
         sys.stdout.write(render_bootstrap_yaml(cfg))
         return 0
@@ -88,12 +110,30 @@ def build_parser(harness: bool = False) -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the router (ext_proc + health + metrics)")
     p.add_argument("--config", "-c", help="router config YAML (defaults apply if omitted)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="router processes on this host, one per core (overrides router.workers)",
+    )
+    p.add_argument(
+        "--worker",
+        type=int,
+        metavar="I",
+        help="run only worker I of router.workers (what --workers starts; its ports)",
+    )
     _add_logging(p)
     p.set_defaults(fn=_cmd_serve)
 
     p = sub.add_parser("envoy-config", help="render the Envoy bootstrap from the router config")
     p.add_argument("--config", "-c", help="router config YAML")
     p.add_argument("--out", help="directory for envoy.yaml (default <config dir>/run/envoy)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="list N router workers (as `serve --workers N` starts them; overrides router.workers)",
+    )
     p.add_argument(
         "--stdout",
         action="store_true",

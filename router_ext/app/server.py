@@ -75,9 +75,10 @@ class RouterApp:
         self.eds = EdsServer()
         self.telemetry.fleet.eds = lambda: self.eds.stats
         self.telemetry.fleet.models_failures = lambda: self.lifecycle.models_fetch_failures
+        self.telemetry.fleet.ledger = self.router.ledger
         self.feedback = FeedbackSink(
             self._feedback_unreachable,
-            self.router.completed,
+            self.router.ledger.apply,
             self.telemetry.als_entries.inc,
             known=lambda address: address in self._known,
             on_cut=self.telemetry.on_stream_cut,

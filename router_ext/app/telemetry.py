@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from router_ext.envoy_adapter.xds import EdsStats
 from router_ext.fleet.feedback import CUT_REASONS, REJECT_REASONS
 from router_ext.fleet.snapshot import PodState, ScrapeResult, Snapshot
+from router_ext.routing.ledger import Ignored, Ledger, Origin
 from router_ext.routing.stats import (
     DECISION_BUCKETS,
     FALLBACK_BUCKETS,
@@ -218,8 +219,43 @@ class _FleetCollector(Collector):
     def __init__(self) -> None:
         self.models_failures: Callable[[], dict[str, int]] = dict
         self.eds: Callable[[], EdsStats | None] = lambda: None
+        self.ledger: Ledger | None = None
+
+    def _ledger(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        led = self.ledger
+        if led is None:
+            return
+        entries = {
+            (kind, origin.value): led.entries.get((kind, origin), 0)
+            for kind in ("placed", "ended")
+            for origin in Origin
+        }
+        yield _labelled(
+            "replication_entries",
+            "Access-log entries matched to a decision, by kind (placed: the upstream stream "
+            "was set up; ended) and origin (own: this replica decided; peer: another replica "
+            "did, its pick is counted here too; unseen: ended, placement never received).",
+            ["kind", "origin"],
+            entries,
+        )
+        yield _labelled(
+            "replication_ignored",
+            "Access-log entries that changed nothing: duplicate, late (placed after its "
+            "end), retry (a later attempt), no_request_id, bad_prefix.",
+            ["reason"],
+            {(why.value,): led.ignored.get(why, 0) for why in Ignored},
+        )
+        g = GaugeMetricFamily(
+            f"{PREFIX}_replication_open",
+            "Requests in flight this replica knows of, by whose decision.",
+            labels=["origin"],
+        )
+        g.add_metric(["own"], len(led.own))
+        g.add_metric(["peer"], len(led.peer))
+        yield g
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        yield from self._ledger()
         mf = CounterMetricFamily(
             f"{PREFIX}_models_fetch_failures",
             "Failed GET /v1/models of pods, by reason (the last listing is kept).",

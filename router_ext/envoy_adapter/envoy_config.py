@@ -37,6 +37,7 @@ from router_ext.config import (
     MODEL_METADATA_NAMESPACE,
     MODEL_NONE,
     MODEL_NOT_JSON,
+    PREFIX_HEADER,
     REQUEST_ID_HEADER,
     ROUTER_READS_HEADERS,
     STRATEGY_USED_HEADER,
@@ -144,7 +145,7 @@ _ACCESS_LOG_FORMAT = (
     "%RESPONSE_CODE_DETAILS% rx=%BYTES_RECEIVED% tx=%BYTES_SENT% dur=%DURATION%ms "
     "up=%UPSTREAM_HOST% tries=%UPSTREAM_REQUEST_ATTEMPT_COUNT% "
     f"strategy=%REQ({STRATEGY_USED_HEADER})% target=%REQ({TARGET_POD_HEADER})% "
-    f"rid=%REQ({REQUEST_ID_HEADER})%\n"
+    f"rid=%REQ({REQUEST_ID_HEADER})% prefix=%REQ({PREFIX_HEADER}):24%\n"
 )
 
 
@@ -272,6 +273,7 @@ def _build(cfg: RouterConfig, token: str | None = None) -> dict[str, Any]:
             "clusters": [
                 _pods_cluster(cfg, token),
                 _router_cluster(cfg),
+                *_replica_log_clusters(cfg),
                 *(
                     [
                         _why(
@@ -337,6 +339,7 @@ def _listener(cfg: RouterConfig, token: str | None) -> dict[str, Any]:
                                 {"remove": TARGET_POD_HEADER},
                                 {"remove": STRATEGY_USED_HEADER},
                                 {"remove": MODEL_HEADER},
+                                {"remove": PREFIX_HEADER},
                             ]
                         },
                     )
@@ -354,10 +357,10 @@ def _listener(cfg: RouterConfig, token: str | None) -> dict[str, Any]:
                     else ()
                 ),
                 _ext_proc_filter(cfg, token),
-                _router_filter(),
+                _router_filter(cfg, token),
             ],
             "local_reply_config": _local_reply_config(),
-            "access_log": [_grpc_access_log(cfg, token), _file_access_log(cfg)],
+            "access_log": [*_grpc_access_logs(cfg, token), _file_access_log(cfg)],
         },
     )
     return {
@@ -570,8 +573,23 @@ def _ext_proc_filter(cfg: RouterConfig, token: str | None) -> dict[str, Any]:
     )
 
 
-def _router_filter() -> dict[str, Any]:
-    return _typed("envoy.filters.http.router", "envoy.extensions.filters.http.router.v3.Router", {})
+def _router_filter(cfg: RouterConfig, token: str | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if len(cfg.replica_addresses) > 1:
+        spec["upstream_log"] = _why(
+            _grpc_access_logs(cfg, token, upstream=True),
+            "with several replicas each must learn the others' placements while the requests "
+            "run, not when they end (an LLM request lasts seconds): one entry per upstream "
+            "attempt as soon as its stream is set up, to every replica",
+        )
+        spec["upstream_log_options"] = _why(
+            {"flush_upstream_log_on_upstream_stream": True},
+            "log when the upstream stream is associated with the request (the decision's "
+            "x-target-pod and prefix are known), in addition to when the attempt ends",
+        )
+    return _typed(
+        "envoy.filters.http.router", "envoy.extensions.filters.http.router.v3.Router", spec
+    )
 
 
 def _echo_target(cfg: RouterConfig) -> list[dict[str, Any]]:
@@ -700,16 +718,35 @@ def _local_reply_config() -> _Why:
     )
 
 
-def _grpc_access_log(cfg: RouterConfig, token: str | None) -> dict[str, Any]:
-    return _typed(
+def _grpc_access_logs(cfg: RouterConfig, token: str | None, *, upstream: bool = False) -> list[Any]:
+    """One gRPC access logger per router replica: each replica receives every entry."""
+    replicas = cfg.replica_addresses
+    if len(replicas) == 1:
+        return [_grpc_access_log(cfg, token, CLUSTER_ROUTER, "router-ext", upstream)]
+    return [
+        _grpc_access_log(cfg, token, replica_log_cluster(i), f"router-ext-{i}", upstream)
+        for i in range(len(replicas))
+    ]
+
+
+def _grpc_access_log(
+    cfg: RouterConfig, token: str | None, cluster: str, log_name: str, upstream: bool
+) -> dict[str, Any]:
+    svc = _router_grpc_service(cfg, token)
+    svc["envoy_grpc"] = {"cluster_name": cluster}
+    logger = _typed(
         "envoy.access_loggers.http_grpc",
         "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
         {
             "common_config": {
-                "log_name": "router-ext",
+                "log_name": _why(
+                    log_name + ("-upstream" if upstream else ""),
+                    "Envoy shares one gRPC stream per logger name and config; a name per "
+                    "replica and kind keeps them apart",
+                ),
                 "transport_api_version": "V3",
                 "grpc_service": _why(
-                    _router_grpc_service(cfg, token),
+                    svc,
                     "one entry per finished request (pod, status, flags, timings) streamed to "
                     "router-ext: the ext_proc stream ends before the request does",
                 ),
@@ -723,11 +760,18 @@ def _grpc_access_log(cfg: RouterConfig, token: str | None) -> dict[str, Any]:
                 ),
             },
             "additional_request_headers_to_log": _why(
-                [TARGET_POD_HEADER, STRATEGY_USED_HEADER, REQUEST_ID_HEADER],
-                "the router matches each entry to its own decision (pods offered, strategy)",
+                [TARGET_POD_HEADER, STRATEGY_USED_HEADER, REQUEST_ID_HEADER, PREFIX_HEADER],
+                "the router matches each entry to its own decision (pods offered, strategy), "
+                "and learns a peer replica's placement from the prefix the decision used",
             ),
         },
     )
+    if upstream:
+        logger["filter"] = _why(
+            {"log_type_filter": {"types": ["UpstreamPoolReady"]}},
+            "only the placement: each attempt's end is already in the downstream entry",
+        )
+    return logger
 
 
 def _file_access_log(cfg: RouterConfig) -> dict[str, Any]:
@@ -1012,11 +1056,36 @@ def _xds_cluster(cfg: RouterConfig) -> dict[str, Any]:
 
 
 def _router_cluster(cfg: RouterConfig) -> dict[str, Any]:
+    return _router_like_cluster(cfg, CLUSTER_ROUTER, cfg.replica_addresses, health_checked=True)
+
+
+def replica_log_cluster(i: int) -> str:
+    """The cluster of replica i's own access logger (only with more than one replica)."""
+    return f"{CLUSTER_ROUTER}_log_{i}"
+
+
+def _replica_log_clusters(cfg: RouterConfig) -> list[Any]:
+    replicas = cfg.replica_addresses
+    if len(replicas) == 1:
+        return []
+    return [
+        _why(
+            _router_like_cluster(cfg, replica_log_cluster(i), [a], health_checked=False),
+            f"replica {i}'s access-log stream: a gRPC client sends each stream to one host of "
+            "its cluster, so every replica has a cluster of its own to receive every entry",
+        )
+        for i, a in enumerate(replicas)
+    ]
+
+
+def _router_like_cluster(
+    cfg: RouterConfig, name: str, addresses: Sequence[str], *, health_checked: bool
+) -> dict[str, Any]:
     env = cfg.envoy
-    host, port = _split_host_port(cfg.ext_proc_address)
-    is_ip = _is_ip(host)
+    hosts = [_split_host_port(a) for a in addresses]
+    is_ip = all(_is_ip(h) for h, _ in hosts)
     interval = env.router_health_interval_ms
-    cluster: dict[str, Any] = {"name": CLUSTER_ROUTER}
+    cluster: dict[str, Any] = {"name": name}
     if is_ip:
         cluster["type"] = _why("STATIC", "router address is an IP literal")
     else:
@@ -1042,8 +1111,14 @@ def _router_cluster(cfg: RouterConfig) -> dict[str, Any]:
                 "0.25s", "router is local or near: a slow connect means it is down; fail open"
             ),
             "load_assignment": {
-                "cluster_name": CLUSTER_ROUTER,
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(host, port)}}]}],
+                "cluster_name": name,
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {"endpoint": {"address": _socket(host, port)}} for host, port in hosts
+                        ]
+                    }
+                ],
             },
             "typed_extension_protocol_options": {
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -1053,6 +1128,12 @@ def _router_cluster(cfg: RouterConfig) -> dict[str, Any]:
                     ),
                 }
             },
+        }
+    )
+    if not health_checked:
+        return cluster
+    cluster.update(
+        {
             "circuit_breakers": {
                 "thresholds": [
                     {

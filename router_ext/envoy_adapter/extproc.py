@@ -37,6 +37,7 @@ from router_ext.config import (
     MODEL_HEADER,
     MODEL_NONE,
     MODEL_NOT_JSON,
+    PREFIX_HEADER,
     REQUEST_ID_HEADER,
     STRATEGY_REQUEST_HEADER,
     STRATEGY_USED_HEADER,
@@ -115,6 +116,16 @@ def _cached(
             else ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
         )
     return resp
+
+
+def with_header(resp: ep.ProcessingResponse, key: str, value: bytes) -> ep.ProcessingResponse:
+    """A copy of a (cached, shared) decision answer that also sets one request header."""
+    out = ep.ProcessingResponse()
+    out.CopyFrom(resp)
+    which = out.WhichOneof("response")
+    phase = out.request_body if which == "request_body" else out.request_headers
+    phase.response.header_mutation.set_headers.append(_header(key, value))
+    return out
 
 
 def _common(target: str, used: str) -> ep.CommonResponse:
@@ -228,6 +239,9 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self._slots = {**_SLOTS, self._session_header: _SESSION_SLOT}
         self._max_body = router.cfg.routing.max_body_bytes
         self._epp = router.cfg.router.answer == "epp"
+        # Several replicas learn each other's placements from the access log, which carries
+        # the prefix a decision used only if the answer sets it.
+        self._share_prefix = len(router.cfg.replica_addresses) > 1
         #: Set by the server when router.auth.mode is token: every stream must carry it.
         self.auth: StreamAuth | None = None
 
@@ -318,8 +332,12 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         result = self.router.route(ctx)
         if isinstance(result, Decision):
             if self._epp:
-                return epp_decision_response(result, body_phase)
-            return body_decision_response(result) if body_phase else decision_response(result)
+                resp = epp_decision_response(result, body_phase)
+            else:
+                resp = body_decision_response(result) if body_phase else decision_response(result)
+            if self._share_prefix and ctx.prefix_hashes:
+                resp = with_header(resp, PREFIX_HEADER, self.router.prefix_value(ctx))
+            return resp
         if isinstance(result, NotReady) and self._epp:
             # The EPP protocol: no ready endpoint is a 503, never an answer without one (a
             # gateway may not have a balancer of its own to fall back to).

@@ -6,7 +6,9 @@ entry per finished request with the upstream host, response flags, attempts and 
 batched by Envoy (buffer_flush_interval). We use it to
   (a) mark a pod unreachable the moment Envoy fails to connect to it or is reset by it,
       without waiting for the next scrape (a later good scrape re-admits it);
-  (b) end the in-flight count this router added for that pod;
+  (b) hand each entry to the router's ledger (router_ext.routing.ledger), which ends the
+      in-flight count of the decision it reports and, with several router replicas (each
+      gets every entry), counts and learns the placements the other replicas made;
   (c) keep a gateway-side view of each pod's latency and error rate;
   (d) count streams cut after their response headers went out (a pod crash under streaming
       load): Envoy cannot retry those, so the client sees a truncated 200 and only this
@@ -34,7 +36,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2 as al
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf.duration_pb2 import Duration
 
-from router_ext.config import ACCESS_LOG_SERVICE, TARGET_POD_HEADER
+from router_ext.config import ACCESS_LOG_SERVICE, PREFIX_HEADER, TARGET_POD_HEADER
 
 log = logging.getLogger("router_ext.fleet.feedback")
 
@@ -65,6 +67,24 @@ _CUT_REASON_MAP = {
     "remote_refused_stream_reset": "remote_reset",
     "connection_termination": "connection_termination",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One request as the router's ledger needs it (router_ext.routing.ledger): whose
+    decision, sent where, with which prefix. Parsed here, matched there."""
+
+    placed: bool  # True: the upstream stream was just set up; False: the request ended
+    request_id: str
+    primary: str  # first address of x-target-pod ("" if Envoy balanced it itself)
+    prefix: str = ""  # PREFIX_HEADER as logged
+    attempt: int = 1
+
+
+_PLACED = al.AccessLogType.UpstreamPoolReady
+#: Upstream-log entries other than the placement: each attempt's end. The downstream entry
+#: reports the request's end once, whatever the attempts.
+_SKIPPED = frozenset({al.AccessLogType.UpstreamPeriodic, al.AccessLogType.UpstreamEnd})
 
 
 @dataclass
@@ -170,7 +190,7 @@ class FeedbackSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(
         self,
         mark_unreachable: Callable[[str, str], bool],
-        completed: Callable[[str], None],
+        record: Callable[[LogEntry], None],
         on_entries: Callable[[int], None] | None = None,
         *,
         known: Callable[[str], bool] | None = None,
@@ -181,7 +201,7 @@ class FeedbackSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
         max_future_s: float = MAX_ENTRY_FUTURE_S,
     ) -> None:
         self._mark_unreachable = mark_unreachable
-        self._completed = completed
+        self._record = record  # the router's ledger
         self._on_entries = on_entries
         self._known = known  # None: accept any host (unit tests, no discovery)
         self._on_cut = on_cut
@@ -233,7 +253,9 @@ class FeedbackSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
         now = self._clock()
         for e in entries:
             c = e.common_properties
-            if c.intermediate_log_entry:
+            kind = c.access_log_type
+            placed = kind == _PLACED
+            if kind in _SKIPPED or (c.intermediate_log_entry and not placed):
                 continue
             host = _addr(c)
             primary = ""
@@ -241,6 +263,13 @@ class FeedbackSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
             if TARGET_POD_HEADER in hdrs:
                 primary = hdrs[TARGET_POD_HEADER].split(",", 1)[0].strip()
             if not self._admissible(c, host, primary, now):
+                continue
+            rid = e.request.request_id
+            prefix = hdrs.get(PREFIX_HEADER, "")
+            if placed:
+                # The request is under way: only who decided it and where it went matter.
+                attempt = c.upstream_request_attempt_count or 1
+                self._record(LogEntry(True, rid, primary, prefix, attempt))
                 continue
             cut = cut_reason(e)
             if cut:
@@ -261,8 +290,7 @@ class FeedbackSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
                 log.warning(
                     "pod %s marked unreachable: Envoy retried the request on %s", primary, host
                 )
-            if primary:
-                self._completed(primary)
+            self._record(LogEntry(False, rid, primary, prefix))
             if host:
                 self._observe(host, e, bool(failure))
         if self._on_entries is not None:

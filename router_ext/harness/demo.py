@@ -5,7 +5,8 @@ live per-pod table (served, in flight, queue, KV use, prefix-cache hit rate, loa
 adapters, router state), and on exit a summary with failures and Envoy's retry counts. Fault
 flags kill a pod or the router mid-run, or add a cold pod, so failover and cold start can be
 watched, not just read about. `--workload` picks the traffic (`router_ext.harness.workloads`);
-`--models N` runs N models in the simulated fleet.
+`--models N` runs N models in the simulated fleet; `--routers N` runs N router replicas
+active-active behind the one Envoy (`--kill-router-after` then kills replica 0 only).
 """
 
 from __future__ import annotations
@@ -146,9 +147,25 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speeds", help="per-pod speed factors, e.g. 1,1,0.5,0.5")
     p.add_argument("--kill-pod-after", type=float, metavar="S", help="kill one pod after S s")
     p.add_argument("--revive-pod-after", type=float, metavar="S", help="bring it back after S s")
-    p.add_argument("--kill-router-after", type=float, metavar="S", help="SIGKILL the router")
     p.add_argument(
-        "--restart-router-after", type=float, metavar="S", help="start the router again at S s"
+        "--routers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="router replicas, each its own process and ext_proc endpoint of the one Envoy "
+        "(default 1)",
+    )
+    p.add_argument(
+        "--kill-router-after",
+        type=float,
+        metavar="S",
+        help="SIGKILL the router (with --routers >= 2: replica 0 only; the others carry on)",
+    )
+    p.add_argument(
+        "--restart-router-after",
+        type=float,
+        metavar="S",
+        help="start the router (replica 0) again at S s",
     )
     p.add_argument(
         "--add-cold-pod-after",
@@ -262,6 +279,9 @@ class _Demo:
         self.events: list[str] = []
         self.t0 = time.monotonic()
         self.killed_pod = ""
+        self.routers_killed = 0
+        # Per router replica, its last readable counters (a killed replica keeps its last).
+        self.router_counts: list[dict[str, float]] = [{} for _ in range(stack.n_routers)]
 
     def on_result(self, r: Result) -> None:
         self.results.append(r)
@@ -302,11 +322,19 @@ class _Demo:
             st.control("POST", f"/pods/{self.killed_pod}/revive")
             self.event(f"revived {self.killed_pod}")
         elif what == "kill_router" and st.router is not None:
-            st.router.signal(9)
-            self.event("router killed (SIGKILL): Envoy fails open to its own balancer")
+            self.poll_routers()  # replica 0's last counts, before it goes
+            st.kill_router(0)
+            self.routers_killed += 1
+            if st.n_routers == 1:
+                self.event("router killed (SIGKILL): Envoy fails open to its own balancer")
+            else:
+                self.event(
+                    f"router replica 0 of {st.n_routers} killed (SIGKILL): Envoy's health check "
+                    "takes it out, the other replicas route"
+                )
         elif what == "restart_router":
             st.start_router()
-            self.event("router restarted")
+            self.event("router restarted" if st.n_routers == 1 else "router replica 0 restarted")
         elif what == "add_cold_pod":
             name = f"pod-{len(st.pods)}"
             info = st.control(
@@ -319,10 +347,27 @@ class _Demo:
             self.event(f"added cold pod {name} ({addr}), metrics in {self.args.cold_delay:.0f}s")
 
     # --- live table --------------------------------------------------------------------
+    def _router_text(self) -> str | None:
+        """The first live replica's /metrics (replica 0 when there is one router)."""
+        for i in range(self.stack.n_routers):
+            try:
+                return self.stack.router_metrics_of(i)
+            except OSError:
+                continue
+        return None
+
+    def poll_routers(self) -> None:
+        """Each replica's decisions and access-log entries, while it answers."""
+        for i in range(self.stack.n_routers):
+            try:
+                text = self.stack.router_metrics_of(i)
+            except OSError:
+                continue
+            self.router_counts[i] = router_counts(text)
+
     def _pod_states(self) -> dict[str, str]:
-        try:
-            text = self.stack.router_metrics()
-        except OSError:
+        text = self._router_text()
+        if text is None:
             return {}
         out: dict[str, str] = {}
         for fam in text_string_to_metric_families(text):
@@ -360,15 +405,18 @@ class _Demo:
         # taken along the way can tell a reset from a quiet pod.
         while not stop.is_set():
             await asyncio.to_thread(self.poll_pods)
+            if self.stack.n_routers > 1:
+                await asyncio.to_thread(self.poll_routers)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
 
     def table(self) -> str:
         states = self._pod_states()
         total = sum(self.served.values())
+        routers = f"{self.stack.n_routers} router replicas, " if self.stack.n_routers > 1 else ""
         lines = [
             f"router-ext demo: {self.args.strategy}, workload {self.args.workload}, "
-            f"{len(self.stack.pods)} pods, {self.args.concurrency} concurrent clients, "
+            f"{len(self.stack.pods)} pods, {routers}{self.args.concurrency} concurrent clients, "
             f"t={time.monotonic() - self.t0:5.1f}s",
             f"{'pod':8} {'address':22} {'state':12} {'served':>7} {'share':>6} "
             f"{'running':>7} {'waiting':>7} {'kv':>5} {'prefix':>6}  adapters",
@@ -409,6 +457,7 @@ class _Demo:
     # --- summary -----------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         self.poll_pods()
+        self.poll_routers()
         lat = [r.latency_s for r in self.results if r.ok]
         stats: dict[str, float] = {}
         try:
@@ -447,7 +496,33 @@ class _Demo:
             "per_model": breakdown(self.results, lambda r: r.model),
             "errors": dict(errors.most_common(5)),
             "events": self.events,
+            "routers": self.stack.n_routers,
+            "routers_killed": self.routers_killed,
+            # Per replica: decisions it made and access-log entries it received (its last
+            # reading for a killed one).
+            "per_router": [
+                {
+                    "replica": i,
+                    "alive": i < len(self.stack.routers) and self.stack.routers[i].alive(),
+                    "decided": int(c.get("decided", 0)),
+                    "access_log_entries": int(c.get("access_log_entries", 0)),
+                }
+                for i, c in enumerate(self.router_counts)
+            ],
         }
+
+
+def router_counts(text: str) -> dict[str, float]:
+    """A router's decisions (every outcome) and access-log entries from its /metrics text."""
+    out = {"decided": 0.0, "access_log_entries": 0.0}
+    for fam in text_string_to_metric_families(text):
+        key = {
+            "router_ext_decisions": "decided",
+            "router_ext_access_log_entries": "access_log_entries",
+        }.get(fam.name)
+        if key is not None:
+            out[key] += sum(s.value for s in fam.samples if s.name.endswith("_total"))
+    return out
 
 
 def _round(x: float | None) -> float | None:
@@ -512,6 +587,8 @@ def run_demo(args: argparse.Namespace) -> int:
         overrides = load_router_overrides(args.router_config)
         args.strategy = resolve_strategy(args.strategy, args.workload, overrides)
         demo_workload(args, models)  # bad workload parameters fail before anything starts
+        if not 1 <= args.routers <= 16:
+            raise DemoError("--routers must be between 1 and 16")
     except (DemoError, ConfigError, ValueError) as e:
         print(f"demo: {e}", file=sys.stderr)
         return 2
@@ -525,6 +602,7 @@ def run_demo(args: argparse.Namespace) -> int:
             sim_args=demo_sim_args(args, models),
             router_overrides=overrides,
             router_log_level="info" if args.verbose else "warning",
+            routers=args.routers,
         ),
     )
     if not args.json:

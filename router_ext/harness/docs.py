@@ -15,8 +15,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from router_ext.config import (
+    MODEL_HEADER,
+    PREFIX_HEADER,
     REQUEST_ID_HEADER,
     SERVED_BY_HEADER,
+    SESSION_HEADER,
     STRATEGY_REQUEST_HEADER,
     STRATEGY_USED_HEADER,
     TARGET_POD_HEADER,
@@ -80,7 +83,15 @@ def headers_markdown() -> str:
         "unknown name gets HTTP 400 naming the valid ones. |",
         f"| `{ROUTED_TO_HEADER}` | Envoy (response) | the upstream host that served it. |",
         f"| `{SERVED_BY_HEADER}` | simulator (response) | the pod name that served it. |",
-        f"| `{REQUEST_ID_HEADER}` | Envoy | request id, also in router log lines for errors. |",
+        f"| `{REQUEST_ID_HEADER}` | Envoy | request id, also in router log lines for errors; "
+        "replicas match access-log entries to decisions by it. |",
+        f"| `{MODEL_HEADER}` | Envoy (from the body's `model`, json_to_metadata) | the model "
+        "the router routes by, without reading the body. Client-sent copies are stripped. |",
+        f"| `{SESSION_HEADER}` | client | session key for the `session` profile "
+        "(`routing.session_header`). |",
+        f"| `{PREFIX_HEADER}` | router-ext (request to upstream), with several replicas | the "
+        "prompt's block-hash chain the decision used (`<block_chars>.<base64url>`), logged to "
+        "every replica so each learns the placement. Stripped from client requests. |",
     ]
     return "\n".join(rows)
 

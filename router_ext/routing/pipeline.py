@@ -248,6 +248,7 @@ class Profile:
         )
         self.pick_hooks = tuple(p for p in plugins if overrides(p, "on_pick"))
         self.completion_hooks = tuple(p for p in plugins if overrides(p, "on_completion"))
+        self.placement_hooks = tuple(p for p in plugins if overrides(p, "on_placement"))
         self._errors_logged: set[str] = set()  # shared with forks: log a plugin error once
         self.bind(None)
 

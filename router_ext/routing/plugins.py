@@ -65,6 +65,10 @@ class Plugin:
     def on_completion(self, address: str) -> None:
         """Envoy's access log reported a request to `address` finished."""
 
+    def on_placement(self, address: str, block_chars: int, hashes: tuple[int, ...]) -> None:
+        """Envoy's access log reported a placement another replica made (or one this replica
+        has no record of): the prompt with this prefix chain went to `address`."""
+
     def bind_stats(self, stats: HotPathStats) -> None:
         """Optional: the router's counters, for a plugin that reports its own (set once at
         start-up; Explain's copies are never bound)."""

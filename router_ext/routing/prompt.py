@@ -21,7 +21,11 @@ this machine).
 
 from __future__ import annotations
 
+import array
+import base64
+import binascii
 import enum
+import sys
 from dataclasses import dataclass
 
 import orjson
@@ -138,3 +142,37 @@ def read_body(raw: bytes, block_chars: int, max_blocks: int) -> PromptFacts | Bo
         max_tokens=mt if isinstance(mt, int) and not isinstance(mt, bool) else None,
         stream=body.get("stream") is True,
     )
+
+
+# --- the prefix a decision used, as it travels in PREFIX_HEADER -------------------------------
+
+#: Most blocks a PREFIX_HEADER value may carry (PrefixParams.max_blocks' upper bound).
+MAX_HEADER_BLOCKS = 1024
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def encode_prefix(block_chars: int, hashes: tuple[int, ...]) -> bytes:
+    """`<block_chars>.<base64url of the little-endian 64-bit chain>`: 11 bytes per block, so
+    the default 128 blocks are ~1.4 KB on the upstream request and in each access-log entry."""
+    a = array.array("Q", hashes)
+    if _BIG_ENDIAN:
+        a.byteswap()
+    return b"%d." % block_chars + base64.urlsafe_b64encode(a.tobytes()).rstrip(b"=")
+
+
+def decode_prefix(value: str) -> tuple[int, tuple[int, ...]] | None:
+    """(block_chars, chain) from a PREFIX_HEADER value; None if it is not one (a peer's
+    access-log entry is input like any other: malformed, it is counted and dropped)."""
+    head, sep, b64 = value.partition(".")
+    if not sep or not head.isdigit() or not b64 or len(b64) > MAX_HEADER_BLOCKS * 11 + 2:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4))
+    except (ValueError, binascii.Error):
+        return None
+    if not raw or len(raw) % 8:
+        return None
+    a = array.array("Q", raw)
+    if _BIG_ENDIAN:
+        a.byteswap()
+    return int(head), tuple(a)

@@ -28,8 +28,9 @@ from router_ext.routing import (
     make_view,
 )
 from router_ext.routing.errors import NO_POD, SATURATED, ClientError, unknown_strategy
+from router_ext.routing.ledger import Ledger
 from router_ext.routing.pipeline import Rejected
-from router_ext.routing.prompt import BodySkip, PromptFacts, read_body
+from router_ext.routing.prompt import BodySkip, PromptFacts, encode_prefix, read_body
 from router_ext.routing.stats import HotPathStats
 
 log = logging.getLogger("router_ext.routing.router")
@@ -60,6 +61,11 @@ class Router:
         self._completion_hooks = tuple(
             dict.fromkeys(h for p in self.profiles.values() for h in p.completion_hooks)
         )
+        self._placement_hooks = tuple(
+            dict.fromkeys(h for p in self.profiles.values() for h in p.placement_hooks)
+        )
+        #: Every replica's placements and completions, from Envoy's access log.
+        self.ledger = Ledger(self.add_pick, self.completed, self.learn_placement)
         self.view = PoolView(EMPTY_SNAPSHOT)
         self.rng = random.Random(seed if seed is not None else rc.seed)
         self._models_cache: tuple[Snapshot, bytes] | None = None
@@ -91,6 +97,15 @@ class Router:
         block_chars, max_blocks = p.body_params if p is not None else (256, 128)
         return read_body(raw, block_chars, max_blocks)
 
+    def prefix_value(self, ctx: RequestContext) -> bytes:
+        """PREFIX_HEADER for this request's answer: the chain its decision used, in the block
+        size it was hashed with ("" without a prompt read)."""
+        if not ctx.prefix_hashes:
+            return b""
+        p = self.selectable.get(ctx.profile or self.default_strategy)
+        block_chars = p.body_params[0] if p is not None else 256
+        return encode_prefix(block_chars, ctx.prefix_hashes)
+
     def models_body(self) -> bytes | None:
         """`GET /v1/models` from the snapshot: the union over routable pods, so one dead pod
         never breaks the listing. None (let a pod answer) while nothing is known."""
@@ -115,6 +130,17 @@ class Router:
         body = json.dumps({"object": "list", "data": data}).encode()
         self._models_cache = (snap, body)
         return body
+
+    def add_pick(self, address: str) -> None:
+        """Another replica sent a request to `address`: load the metrics cannot show yet."""
+        view = self.view
+        i = view.snapshot.index_of.get(address)
+        if i is not None:
+            view.picks[i] += 1
+
+    def learn_placement(self, address: str, block_chars: int, hashes: tuple[int, ...]) -> None:
+        for h in self._placement_hooks:
+            h.on_placement(address, block_chars, hashes)
 
     def completed(self, address: str) -> None:
         """Envoy reported a request to `address` finished: it no longer adds load."""
@@ -183,6 +209,8 @@ class Router:
             log.info("routable pods available again")
         primary = d.pods[0]
         addr = primary.address
+        if ctx.request_id:
+            self.ledger.decided(ctx.request_id, addr)
         stats.picks[addr] = stats.picks.get(addr, 0) + 1
         if primary.state is PodState.COLD:
             stats.cold_picks[addr] = stats.cold_picks.get(addr, 0) + 1

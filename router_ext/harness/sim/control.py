@@ -181,6 +181,8 @@ class ControlServer:
             await fleet.unhang(name)
         elif action == "slow":
             fleet.slow(name, _float_param(request, "factor"))
+        elif action == "flush-cache":
+            fleet.flush_cache(name)
         elif action == "fail5xx":
             fleet.fail5xx(name, _float_param(request, "rate", 1.0))
         elif action == "draining":

@@ -366,6 +366,15 @@ class LoadModel:
 
     # --- introspection (control API, tests) --------------------------------------------------
 
+    def flush_prefix_cache(self) -> int:
+        """Drop every cached block no running request holds (benchmarks start cells cold).
+        Returns how many were dropped."""
+        dropped = 0
+        for c in self._caches:
+            dropped += c.free
+            c.evict_to(0)
+        return dropped
+
     def cached_blocks(self) -> int:
         """Prompt blocks the prefix caches hold, pinned or free."""
         return sum(len(c) for c in self._caches)

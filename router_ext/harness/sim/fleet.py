@@ -153,6 +153,12 @@ class SimFleet:
         self.pod(name).set_slow(factor)
         self._changed(f"pod {name} slow factor {factor:g}")
 
+    def flush_cache(self, name: str) -> int:
+        """Empty the pod's prefix cache (a benchmark's next cell starts cold)."""
+        n = self.pod(name).flush_prefix_cache()
+        self._changed(f"pod {name} prefix cache flushed ({n} blocks)")
+        return n
+
     def fail5xx(self, name: str, rate: float) -> None:
         """Inference answers HTTP 500 with probability `rate` (0 = off)."""
         self.pod(name).set_fail_rate(rate)

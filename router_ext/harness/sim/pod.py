@@ -182,6 +182,11 @@ class SimPod:
     def inflight(self) -> int:
         return self._inflight
 
+    def flush_prefix_cache(self) -> int:
+        """Empty the pod's prefix cache (blocks of running requests stay): a cold cache
+        without a restart, so counters and connections carry on."""
+        return self.load.flush_prefix_cache() if self.load is not None else 0
+
     def set_slow(self, factor: float) -> None:
         if not factor > 0:
             raise ValueError("slow factor must be > 0")

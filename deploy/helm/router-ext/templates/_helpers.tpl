@@ -18,7 +18,12 @@
 {{- end }}
 {{- end }}
 
-{{- define "router-ext.router" -}}{{ include "router-ext.fullname" . }}-router{{- end }}
+{{/*
+The router StatefulSet and its headless Service share this name. 52 characters at most: the
+StatefulSet controller labels its pods controller-revision-hash=<name>-<10-character hash>,
+a 63-character label value.
+*/}}
+{{- define "router-ext.router" -}}{{ include "router-ext.fullname" . | trunc 45 | trimSuffix "-" }}-router{{- end }}
 {{- define "router-ext.envoy" -}}{{ include "router-ext.fullname" . }}-envoy{{- end }}
 
 {{- define "router-ext.labels" -}}
@@ -95,7 +100,16 @@ so ports, the router's address and the token path cannot disagree between the tw
 {{- end }}
 {{- $p := .Values.router.ports }}
 {{- $metricsHost := ternary "0.0.0.0" "127.0.0.1" .Values.metrics.expose }}
-{{- $routerAddr := printf "%s.%s.svc.%s:%d" (include "router-ext.router" .) .Release.Namespace .Values.clusterDomain ($p.grpc | int) }}
+{{- $router := include "router-ext.router" . }}
+{{- $svcHost := printf "%s.%s.svc.%s" $router .Release.Namespace .Values.clusterDomain }}
+{{- $routerAddr := printf "%s:%d" $svcHost ($p.grpc | int) }}
+{{- /* Replica i of the StatefulSet answers DNS as <statefulset>-<i>.<headless service>...:
+one ext_proc endpoint and one access logger per name in Envoy's bootstrap. */}}
+{{- $replicas := include "router-ext.routerReplicas" . | int }}
+{{- $routerAddrs := list }}
+{{- range $i := until $replicas }}
+{{- $routerAddrs = append $routerAddrs (printf "%s-%d.%s:%d" $router $i $svcHost ($p.grpc | int)) }}
+{{- end }}
 {{- $chart := dict
   "base_dir" "/etc/router-ext"
   "router" (dict
@@ -103,17 +117,38 @@ so ports, the router's address and the token path cannot disagree between the tw
     "metrics" (dict "host" $metricsHost "port" ($p.metrics | int))
     "admin" (dict "host" "127.0.0.1" "port" ($p.admin | int))
     "auth" (dict "mode" .Values.auth.mode "token_file" (printf "%s/token" (include "router-ext.tokenDir" .)))
-    "drain_seconds" .Values.router.drainSeconds)
+    "drain_seconds" .Values.router.drainSeconds
+    "workers" 1)
   "discovery" (dict "source" "kubernetes" "kubernetes" $k)
   "envoy" (dict
     "eds" "grpc"
     "listener" (dict "host" "0.0.0.0" "port" (.Values.envoy.listenerPort | int))
     "admin" (dict "host" "127.0.0.1" "port" (.Values.envoy.adminPort | int))
     "router_address" $routerAddr
+    "router_addresses" $routerAddrs
     "access_log_path" "/dev/stdout")
 }}
 {{- $merged := mergeOverwrite (deepCopy .Values.config) $chart }}
 {{- toYaml $merged }}
+{{- end }}
+
+{{/* router.replicas, checked: 1 to 64 (envoy.router_addresses holds at most 64). */}}
+{{- define "router-ext.routerReplicas" -}}
+{{- $n := .Values.router.replicas | int }}
+{{- if or (lt $n 1) (gt $n 64) }}
+{{- fail (printf "router.replicas %v: use 1 to 64 (Envoy gets one access logger per replica)" .Values.router.replicas) }}
+{{- end }}
+{{- $n }}
+{{- end }}
+
+{{/*
+The router pods' config checksum: the config without envoy.router_addresses, which only
+Envoy's bootstrap reads, so scaling the routers rolls Envoy but not the running routers.
+*/}}
+{{- define "router-ext.routerConfigChecksum" -}}
+{{- $c := include "router-ext.config" . | fromYaml }}
+{{- $_ := unset $c.envoy "router_addresses" }}
+{{- toYaml $c | sha256sum }}
 {{- end }}
 
 {{/* terminationGracePeriodSeconds of the router: preStop + drain + margin, whole seconds. */}}
