@@ -332,3 +332,42 @@ def test_a_restarted_replica_warms_its_index_from_the_entries_it_receives() -> N
     assert sum(b.view.picks) == 0
     for g, home in homes.items():
         assert names(b.route(prompt_ctx(g, 1)))[0] == home
+
+
+def test_an_edited_ring_names_the_same_owners_as_a_fresh_one() -> None:
+    # A replica that lived through membership changes edits its ring (departed pods' points
+    # stay behind an empty slot); one that started later builds it fresh. They must agree,
+    # or replicas would disagree about sessions and new prefixes after churn.
+    import bisect
+    import random
+
+    from router_ext.routing import affinity as A
+
+    rng = random.Random(5)
+    ids = [f"uid-{i}" for i in range(400)]
+    pts = A._build_points(tuple(ids), 32)
+    for step in range(6):  # churn: a few pods leave and join each time
+        for _ in range(3):
+            ids.pop(rng.randrange(len(ids)))
+        ids += [f"uid-{step}-{j}" for j in range(3)]
+        edited = A._edit_points(pts, tuple(ids), 32)
+        assert edited is not None  # a few changes are an edit, not a rebuild
+        pts = edited
+    fresh = A._build_points(tuple(ids), 32)
+    assert len(pts.points) > len(fresh.points)  # the departed pods' points are still there
+
+    def owners(p: A._Points, key: int) -> list[str]:
+        i = bisect.bisect_left(p.points, key & ~A._POD_MASK)
+        out: list[str] = []
+        for k in range(len(p.points)):
+            ident = p.slots[p.points[(i + k) % len(p.points)] & A._POD_MASK]
+            if ident is not None and ident not in out:
+                out.append(ident)
+                if len(out) == 3:
+                    break
+        return out
+
+    keys = [rng.getrandbits(64) for _ in range(5000)]
+    assert all(owners(pts, k) == owners(fresh, k) for k in keys)
+    # Most pods replaced at once: rebuilt, not edited.
+    assert A._edit_points(pts, tuple(f"other-{i}" for i in range(400)), 32) is None
