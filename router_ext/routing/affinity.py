@@ -25,6 +25,15 @@ from router_ext.routing.view import Decision, PoolView
 
 _xxh = xxhash.xxh3_64_intdigest
 _MAX_HINTS = 4
+
+
+def _spilling(p: PodStatus, picks: Sequence[int], spill: float) -> bool:
+    """Whether an affinity should let go of pod `p`: requests waiting there (scraped, plus
+    picks since) reached the plugin's spill_waiting. A pod without metrics never spills."""
+    m = p.score_metrics
+    return m is not None and m.waiting + picks[p.index] >= spill
+
+
 #: Ring points per pod for placing prefixes nobody holds (as the session ring's default).
 _MISS_VNODES = 32
 
@@ -409,19 +418,17 @@ class PrefixCacheScorer(Scorer[PrefixState]):
             return None
         n = len(hashes)
         first = self._holders.get(hashes[0])
-        spill = self.params.spill_waiting
-        picks = view.picks
         if first is None:
             return self._miss(ctx, view, state, candidates)
+        spill = self.params.spill_waiting
+        picks = view.picks
         ident = state.ident
         out: list[float | None] = []
         for p in candidates:
             key = ident[p.index]
             matched = self._matched(key, hashes) if key in first else 0
-            if matched:
-                m = p.score_metrics
-                if m is not None and m.waiting + picks[p.index] >= spill:
-                    matched = 0
+            if matched and _spilling(p, picks, spill):
+                matched = 0
             out.append(matched / n)
         return out
 
@@ -454,10 +461,7 @@ class PrefixCacheScorer(Scorer[PrefixState]):
         ranks = {p.index: s for p, s in zip(owners, (owner, owner / 2), strict=False)}
         for k, p in enumerate(candidates):
             s = ranks.get(p.index)
-            if s is None:
-                continue
-            m = p.score_metrics
-            if m is not None and m.waiting + picks[p.index] >= spill:
+            if s is None or _spilling(p, picks, spill):
                 continue
             out[k] = min(1.0, (out[k] or 0.0) + s)
         return out
@@ -599,9 +603,7 @@ class SessionAffinityScorer(Scorer[SessionState]):
         out: list[float | None] = []
         for p in candidates:
             s = rank.get(p.index, 0.0)
-            if s:
-                m = p.score_metrics
-                if m is not None and m.waiting + picks[p.index] >= spill:
-                    s = 0.0
+            if s and _spilling(p, picks, spill):
+                s = 0.0
             out.append(s)
         return out
