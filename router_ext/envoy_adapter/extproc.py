@@ -43,6 +43,7 @@ from router_ext.config import (
     STRATEGY_USED_HEADER,
     TARGET_POD_HEADER,
 )
+from router_ext.envoy_adapter import wire
 from router_ext.envoy_adapter.auth import StreamAuth
 from router_ext.envoy_adapter.modes import BODY_MODE_OVERRIDE
 from router_ext.routing import Decision, RequestContext
@@ -81,15 +82,18 @@ def _header(key: str, value: bytes) -> base_pb2.HeaderValueOption:
     )
 
 
-#: Built answers by (x-target-pod, strategy used). Building the nested protobuf is most of a
-#: request's encode cost; a fleet of n pods has at most n(n-1)(n-2) distinct answers per
-#: strategy with 2 fallbacks, so small and medium fleets almost always hit. grpc only reads
-#: the object it is given, so one instance can be sent many times. Bounded: cleared when full.
+#: Built answers by (x-target-pod, strategy used). A fleet of n pods has up to n(n-1)(n-2)
+#: distinct answers per strategy with 2 fallbacks, so small fleets almost always hit and
+#: large ones almost never do: a miss is encoded by `wire` (~2 µs), so the cache saves little
+#: and the handler's cost does not grow with the pool. grpc only reads the object it is
+#: given, so one instance can be sent many times. Bounded: cleared when full.
 _RESPONSE_CACHE_MAX = 4096
 #: One cache per phase: the same answer is a HeadersResponse or, after a mode override, a
 #: BodyResponse.
 _response_cache: dict[tuple[str, str], ep.ProcessingResponse] = {}
 _body_response_cache: dict[tuple[str, str], ep.ProcessingResponse] = {}
+#: The strategy header as encoded, per profile name used (a handful of values).
+_used_options: dict[str, bytes] = {}
 
 
 def decision_response(d: Decision) -> ep.ProcessingResponse:
@@ -109,34 +113,27 @@ def _cached(
     if resp is None:
         if len(cache) >= _RESPONSE_CACHE_MAX:
             cache.clear()
-        common = _common(*key)
-        resp = cache[key] = (
-            ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
-            if body_phase
-            else ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
-        )
+        resp = cache[key] = wire.set_headers_answer(_decision_options(*key), body_phase)
     return resp
 
 
-def with_header(resp: ep.ProcessingResponse, key: str, value: bytes) -> ep.ProcessingResponse:
-    """A copy of a (cached, shared) decision answer that also sets one request header."""
-    out = ep.ProcessingResponse()
-    out.CopyFrom(resp)
-    which = out.WhichOneof("response")
-    phase = out.request_body if which == "request_body" else out.request_headers
-    phase.response.header_mutation.set_headers.append(_header(key, value))
-    return out
+def _decision_options(target: str, used: str) -> tuple[bytes, bytes]:
+    opt = _used_options.get(used)
+    if opt is None:
+        if len(_used_options) >= _RESPONSE_CACHE_MAX:
+            _used_options.clear()
+        opt = _used_options[used] = wire.header_option(STRATEGY_USED_HEADER, used.encode())
+    return wire.header_option(_TARGET, target.encode()), opt
 
 
-def _common(target: str, used: str) -> ep.CommonResponse:
-    return ep.CommonResponse(
-        header_mutation=ep.HeaderMutation(
-            set_headers=[
-                _header(_TARGET, target.encode()),
-                _header(STRATEGY_USED_HEADER, used.encode()),
-            ]
-        )
+def with_prefix_response(d: Decision, body_phase: bool, prefix: bytes) -> ep.ProcessingResponse:
+    """The decision answer that also sets the prefix header (several replicas: the access
+    log carries it to the others). Never cached: the prefix is per prompt."""
+    options = (
+        *_decision_options(d.header_value, d.used),
+        wire.header_option(PREFIX_HEADER, prefix),
     )
+    return wire.set_headers_answer(options, body_phase)
 
 
 #: The endpoint picker protocol's names (gateway-api-inference-extension, proposal 004): the
@@ -332,12 +329,10 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         result = self.router.route(ctx)
         if isinstance(result, Decision):
             if self._epp:
-                resp = epp_decision_response(result, body_phase)
-            else:
-                resp = body_decision_response(result) if body_phase else decision_response(result)
+                return epp_decision_response(result, body_phase)
             if self._share_prefix and ctx.prefix_hashes:
-                resp = with_header(resp, PREFIX_HEADER, self.router.prefix_value(ctx))
-            return resp
+                return with_prefix_response(result, body_phase, self.router.prefix_value(ctx))
+            return body_decision_response(result) if body_phase else decision_response(result)
         if isinstance(result, NotReady) and self._epp:
             # The EPP protocol: no ready endpoint is a 503, never an answer without one (a
             # gateway may not have a balancer of its own to fall back to).

@@ -25,6 +25,7 @@ from router_ext.routing.view import Decision, PoolView
 
 _xxh = xxhash.xxh3_64_intdigest
 _MAX_HINTS = 4
+_UNSEEN: dict[str, None] = {}  # a block's holders not looked up yet (PrefixCacheScorer.score)
 
 
 def _spilling(p: PodStatus, picks: Sequence[int], spill: float) -> bool:
@@ -367,6 +368,10 @@ class PrefixCacheScorer(Scorer[PrefixState]):
                 if not d:
                     del holders[h]
 
+    def holders(self, block: int) -> int:
+        """How many pods the index says hold `block` (admin and benchmarks; not hot path)."""
+        return len(self._holders.get(block, ()))
+
     # --- per request ----------------------------------------------------------------------
     def _matched(self, key: str, hashes: tuple[int, ...]) -> int:
         """Leading blocks of `hashes` pod `key` holds (binary search on the chain)."""
@@ -417,19 +422,35 @@ class PrefixCacheScorer(Scorer[PrefixState]):
         if not hashes:
             return None
         n = len(hashes)
-        first = self._holders.get(hashes[0])
+        holders = self._holders
+        first = holders.get(hashes[0])
         if first is None:
             return self._miss(ctx, view, state, candidates)
         spill = self.params.spill_waiting
         picks = view.picks
         ident = state.ident
+        # The holders of each block, looked up once per request as the binary searches reach
+        # them (not once per candidate and probe): a hot prefix's blocks can be held by
+        # thousands of pods, and the index by then holds millions of blocks.
+        held: list[dict[str, None] | None] = [_UNSEEN] * n
+        held[0] = first
         out: list[float | None] = []
         for p in candidates:
             key = ident[p.index]
-            matched = self._matched(key, hashes) if key in first else 0
-            if matched and _spilling(p, picks, spill):
-                matched = 0
-            out.append(matched / n)
+            if key not in first or _spilling(p, picks, spill):
+                out.append(0.0)
+                continue
+            lo, hi = 1, n  # leading blocks held: binary search on the chain
+            while lo < hi:
+                mid = (lo + hi) // 2
+                d = held[mid]
+                if d is _UNSEEN:
+                    d = held[mid] = holders.get(hashes[mid])
+                if d is not None and key in d:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            out.append(lo / n)
         return out
 
     def _miss_owners(self, ctx: RequestContext, state: PrefixState) -> list[PodStatus]:
