@@ -485,11 +485,28 @@ def main() -> None:
         help="also run (f) with this router config merged in, e.g. "
         "'{envoy: {model_from_body: false}}' (with --ab-router: that copy with it)",
     )
+    ap.add_argument(
+        "--configs",
+        metavar="KEYS",
+        help="only these configurations, e.g. 'c' for an A/B of (c) against (f) alone "
+        "(results then go to stdout only, not to benchmarks/results/overhead.md)",
+    )
+    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 2)")
+    ap.add_argument("--duration", type=float, help="seconds per wrk cell (default 10)")
     args = ap.parse_args()
-    configs = ("a", "b", "c", "e") if args.no_peer else ("a", "b", "c", "e", "d")
+    configs: tuple[str, ...] = ("a", "b", "c", "e") if args.no_peer else ("a", "b", "c", "e", "d")
+    if args.configs:
+        configs = tuple(args.configs)
     t0 = time.monotonic()
     ab_config = yaml.safe_load(args.ab_config) if args.ab_config else None
-    md = run(quick=args.quick, configs=configs, ab_router=args.ab_router, ab_config=ab_config)
+    md = run(
+        quick=args.quick,
+        configs=configs,
+        ab_router=args.ab_router,
+        ab_config=ab_config,
+        rounds=args.rounds,
+        duration_s=args.duration,
+    )
     print(machine_markdown())
     print(md)
     print(f"took {time.monotonic() - t0:.0f} s")

@@ -678,15 +678,27 @@ def on_main_pod(rs: Sequence[Result]) -> float:
 
 
 def run_kill(quick: bool) -> tuple[str, list[str]]:
-    # Windows: [k - 2w, k - w) and [k - w, k) before the kill (a control: how far groups move
-    # between two windows anyway), [k + settle, k + settle + w) after it.
+    """The kill run, and a control run identical but for the kill (a fresh fleet each): the
+    hit rate drifts as the caches fill under overload, so "after" is also compared with the
+    same window of a run where nothing was killed."""
     window = 3.0 if quick else 8.0
     settle = 1.5
     kill_at = 3.0 + 2 * window
     duration = kill_at + settle + window + 0.5
+    killed = _kill_run(window, settle, kill_at, duration, do_kill=True)
+    control = _kill_run(window, settle, kill_at, duration, do_kill=False)
+    return _kill_markdown(killed, control, duration, kill_at, settle)
+
+
+def _kill_run(
+    window: float, settle: float, kill_at: float, duration: float, *, do_kill: bool
+) -> KillRun:
+    # Windows: [k - 2w, k - w) and [k - w, k) before the kill (a control: how far groups move
+    # between two windows anyway), [k + settle, k + settle + w) after it.
     workdir = RUN_DIR / "replicas"
-    fleet = start_fleet(workdir / "fleet-kill", shared_prefix.PODS, shared_prefix.sim_args())
-    st = _stack(workdir / "kill", fleet, 2, "prefix-aware", {"routing": {"seed": 7}})
+    name = "kill" if do_kill else "kill-control"
+    fleet = start_fleet(workdir / f"fleet-{name}", shared_prefix.PODS, shared_prefix.sim_args())
+    st = _stack(workdir / name, fleet, 2, "prefix-aware", {"routing": {"seed": 7}})
     samples: list[tuple[float, list[tuple[float, float]]]] = []
     marks: dict[str, float] = {}
     stop = threading.Event()
@@ -713,6 +725,8 @@ def run_kill(quick: bool) -> tuple[str, list[str]]:
                 last = await asyncio.to_thread(replica_counters, st, DECISIONS)
                 marks["victim_decided"] = last[0] - d0[0]
                 marks["kill"] = time.monotonic()
+                if not do_kill:
+                    return
                 await asyncio.to_thread(st.kill_router, 0)
                 await asyncio.to_thread(wait_until, out, 5.0, "Envoy to take replica 0 out", 0.02)
                 marks["out"] = time.monotonic()
@@ -733,7 +747,8 @@ def run_kill(quick: bool) -> tuple[str, list[str]]:
         sampler.join(5)
         failed_open = int(st.envoy_stat(FAIL_OPEN_STAT) - fo0)
         decided = [b - a for a, b in zip(d0, replica_counters(st, DECISIONS), strict=True)]
-        decided[0] = marks["victim_decided"]  # its last reading, just before the kill
+        if do_kill:
+            decided[0] = marks["victim_decided"]  # its last reading, just before the kill
     finally:
         stop.set()
         st.stop()
@@ -764,20 +779,24 @@ def run_kill(quick: bool) -> tuple[str, list[str]]:
         decided=decided,
         errors=sorted({r.error or f"HTTP {r.status}" for r in rs if not r.ok})[:3],
     )
-    print(f"kill: {run}", flush=True)
-    return _kill_markdown(run, duration, kill_at, settle)
+    print(f"{name}: {run}", flush=True)
+    return run
 
 
 def _kill_markdown(
-    run: KillRun, duration: float, kill_at: float, settle: float
+    run: KillRun, control: KillRun, duration: float, kill_at: float, settle: float
 ) -> tuple[str, list[str]]:
     ok_hit = run.hit_after >= HIT_TARGET * run.hit_before
+    ok_vs_control = run.hit_after >= HIT_TARGET * control.hit_after
     targets = [
         f"**Target** one of 2 replicas SIGKILLed under a closed loop of {KILL_CONCURRENCY} "
         f"(shared-prefix, prefix-aware): {run.failed} of {run.n} requests failed (goal 0: "
         f"{'met' if run.failed == 0 else 'NOT met'}); prefix hit rate {_pct(run.hit_before)} "
         f"before, {_pct(run.hit_after)} after ({'kept' if ok_hit else 'NOT kept'} within "
-        f"{HIT_TARGET} x)."
+        f"{HIT_TARGET} x); the same windows of a run with no kill: {_pct(control.hit_before)} "
+        f"and {_pct(control.hit_after)}, so after the kill "
+        f"{_ratio(run.hit_after, control.hit_after):.2f} x the control "
+        f"({'kept' if ok_vs_control else 'NOT kept'} within {HIT_TARGET} x)."
     ]
     rows: list[list[object]] = [
         ["requests", run.n],
@@ -803,6 +822,15 @@ def _kill_markdown(
             _pct(run.control_kept),
         ],
         ["completed req/s before / after", f"{run.rps_before:.1f} / {run.rps_after:.1f}"],
+        [
+            "control run (no kill): prefix hit rate in the same two windows",
+            f"{_pct(control.hit_before)} / {_pct(control.hit_after)}",
+        ],
+        [
+            "control run: completed req/s in the same two windows",
+            f"{control.rps_before:.1f} / {control.rps_after:.1f}",
+        ],
+        ["control run: requests / failed", f"{control.n} / {control.failed}"],
         [
             "decisions per replica (0 killed, 1 survived)",
             "/".join(_f(d, "{:.0f}") for d in run.decided),

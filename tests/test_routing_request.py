@@ -5,6 +5,7 @@ Envoy in test_envoy_body.py and test_e2e_models.py)."""
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from typing import Any
 
@@ -24,6 +25,7 @@ from router_ext.envoy_adapter.modes import BODY_MODE_OVERRIDE
 from router_ext.fleet.snapshot import EngineMetrics, Pod, ScrapeResult, Snapshot
 from router_ext.routing import Decision, RequestContext
 from router_ext.routing.errors import ClientError
+from router_ext.routing.pipeline import Trace
 from router_ext.routing.prompt import BodySkip, PromptFacts, read_body
 from router_ext.routing.router import Router
 from router_ext.routing.stats import HotPathStats
@@ -458,3 +460,20 @@ def prompt_ctx_for(r: Router, body: bytes) -> RequestContext:
     assert isinstance(facts, PromptFacts)
     ctx.use_prompt(facts)
     return ctx
+
+
+def test_hinted_pods_are_part_of_the_sample_not_added_to_it() -> None:
+    """routing.sample_size bounds the candidates a decision scores, hints included: the pods
+    holding the prefix take up to half of it and a uniform window the rest."""
+    snap, _ = fleet([("llama",)] * 40)
+    r = router(snap, sample_size=8)
+    last = None
+    for q in range(30):  # never completed: holders fill up and spill, so it spreads
+        last = r.route(prompt_ctx(1, q))
+    assert isinstance(last, Decision)
+    trace = Trace()
+    d = r.profiles["prefix-aware"].decide(prompt_ctx(1, 99), r.view, random.Random(0), trace)
+    assert isinstance(d, Decision)
+    assert len(trace.candidates) == 8
+    assert last.pods[0] in trace.candidates  # the newest holder is always compared
+    assert len({p.index for p in trace.candidates}) == 8  # no pod twice

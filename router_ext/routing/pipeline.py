@@ -155,30 +155,36 @@ def pool_for(ctx: RequestContext, view: PoolView) -> ModelPool:
     raise Rejected(model_not_found(model), "unknown_model")
 
 
-def _with_hints(
-    ctx: RequestContext,
-    view: PoolView,
-    mp: ModelPool,
-    plan: Plan,
-    cands: Sequence[PodStatus],
-) -> Sequence[PodStatus]:
-    """The sample plus the pods a scorer names (the pod holding this prompt's prefix, the
-    session's pod): a uniform sample of 16 out of 1,000 pods would miss them."""
-    extra: list[PodStatus] = []
+def _hinted(
+    ctx: RequestContext, view: PoolView, mp: ModelPool, plan: Plan, room: int
+) -> list[PodStatus]:
+    """The pods the scorers name (the pod holding this prompt's prefix, the session's pod), in
+    scorer order, at most `room`: a uniform sample of 16 out of 1,000 pods would miss them."""
+    out: list[PodStatus] = []
+    have: set[int] = set()
     members = mp.members
     for sc, state in plan.hinters:
         for p in sc.hint(ctx, view, state):
-            if p.index in members:
-                extra.append(p)
-    if not extra:
-        return cands
-    have = {p.index for p in cands}
-    out = list(cands)
-    for p in extra:
-        if p.index not in have:
-            have.add(p.index)
-            out.append(p)
+            i = p.index
+            if i in members and i not in have:
+                have.add(i)
+                out.append(p)
+                if len(out) >= room:
+                    return out
     return out
+
+
+def _window(order: list[PodStatus], k: int, rng: random.Random) -> list[PodStatus]:
+    """`k` consecutive entries of the per-snapshot shuffled order from a random offset
+    (wrapping): uniform enough, O(k), and the random start also randomises the order ties
+    are met in. The whole order (rotated) when it has at most `k`."""
+    n = len(order)
+    start = int(rng.random() * n) % n
+    if n <= k:
+        return order[start:] + order[:start]
+    if start + k <= n:
+        return order[start : start + k]
+    return order[start:] + order[: start + k - n]
 
 
 def _fill(
@@ -350,22 +356,19 @@ class Profile:
                 trace.abstained = list(plan.abstained)
             if plan.degraded:
                 return self.degrade(view, mp, pool, rng, plan.degraded)
-            # The sample: k consecutive entries of the per-snapshot shuffled order from a
-            # random offset (wrapping). Uniform enough, O(k), and the random start also
-            # randomises the order ties are met in.
+            # The sample, at most sample_size candidates: the pods the scorers name (up to
+            # half of it) and a uniform window of the shuffled order for the rest.
             order = mp.order
-            n = len(order)
             k = self.sample_size
-            start = int(rng.random() * n) % n
             cands: Sequence[PodStatus]
-            if n <= k:
-                cands = order[start:] + order[:start]
-            elif start + k <= n:
-                cands = order[start : start + k]
+            if len(order) <= k:
+                cands = _window(order, k, rng)
+            elif plan.hinters and (hinted := _hinted(ctx, view, mp, plan, max(1, k // 2))):
+                have = {p.index for p in hinted}
+                window = _window(order, k - len(hinted), rng)
+                cands = hinted + [p for p in window if p.index not in have]
             else:
-                cands = order[start:] + order[: start + k - n]
-            if plan.hinters:
-                cands = _with_hints(ctx, view, mp, plan, cands)
+                cands = _window(order, k, rng)
             if trace is not None:
                 trace.candidates = list(cands)
             if self.filters:
