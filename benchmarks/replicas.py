@@ -392,8 +392,10 @@ def _quality_cell(
     return QCell(workload, replicas, rnd, c, decided, sim_cpu, routers_cpu, procs)
 
 
-def run_quality(quick: bool, rounds: int, notes: list[str]) -> tuple[str, list[str]]:
-    duration = 4.0 if quick else 20.0
+def run_quality(
+    quick: bool, rounds: int, notes: list[str], cell_s: float | None = None
+) -> tuple[str, list[str]]:
+    duration = cell_s or (4.0 if quick else 20.0)
     workdir = RUN_DIR / "replicas"
     q_args = [
         "--speeds", ",".join(str(s) for s in quality.SPEEDS),
@@ -1136,14 +1138,19 @@ def _cpu_markdown(
 # --- the run ------------------------------------------------------------------------------------
 
 
-def run(quick: bool = False, rounds: int = 1, parts: Sequence[int] = (1, 2, 3)) -> str:
+def run(
+    quick: bool = False,
+    rounds: int = 1,
+    parts: Sequence[int] = (1, 2, 3),
+    cell_s: float | None = None,
+) -> str:
     t0 = time.monotonic()
     load_start = loadavg()
     notes: list[str] = []
     sections: list[str] = []
     targets: list[str] = []
     if 1 in parts:
-        md, tg = run_quality(quick, rounds, notes)
+        md, tg = run_quality(quick, rounds, notes, cell_s)
         sections.append(md)
         targets += tg
     if 2 in parts:
@@ -1160,6 +1167,7 @@ def run(quick: bool = False, rounds: int = 1, parts: Sequence[int] = (1, 2, 3)) 
         )
     cmd = "python -m benchmarks.replicas" + (" --quick" if quick else "")
     cmd += f" --rounds {rounds}" if rounds != 1 else ""
+    cmd += f" --cell-s {cell_s:g}" if cell_s else ""
     cmd += f" --parts {','.join(str(p) for p in parts)}" if tuple(parts) != (1, 2, 3) else ""
     head = [
         f"Command: `{cmd}` ({(time.monotonic() - t0) / 60:.1f} min). Load average at start "
@@ -1187,10 +1195,11 @@ def main() -> None:
         default="1,2,3",
         help="which parts to run (3 includes 4); the result file is written only for all",
     )
+    ap.add_argument("--cell-s", type=float, help="seconds per part 1 cell (default 20)")
     args = ap.parse_args()
     parts = tuple(int(x) for x in args.parts.split(","))
     t0 = time.monotonic()
-    print(run(quick=args.quick, rounds=max(1, args.rounds), parts=parts))
+    print(run(quick=args.quick, rounds=max(1, args.rounds), parts=parts, cell_s=args.cell_s))
     print(f"took {time.monotonic() - t0:.0f} s")
 
 
