@@ -446,8 +446,9 @@ class RoutingSection(_Strict):
         le=1024,
         description=(
             "Metric strategies compare at most this many candidates per pick (sampled "
-            "uniformly when the pool is larger): the decision cost stays flat as the pool "
-            "grows (power-of-d choices)."
+            "uniformly when the pool is larger; the pods a request-aware scorer names, such as "
+            "the prefix's holders or the session's pod, take up to half of it): the decision "
+            "cost stays flat as the pool grows (power-of-d choices)."
         ),
     )
     slow_start_s: float = Field(
