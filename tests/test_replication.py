@@ -296,15 +296,21 @@ def test_with_replicas_the_answer_names_the_prefix_it_used() -> None:
             "router": {"workers": 2},
         }
     )
+    from router_ext.envoy_adapter import extproc
+
+    # A single router's answer for the same request fills the shared answer cache first.
+    single = cfg.model_copy(update={"router": cfg.router.model_copy(update={"workers": 1})})
+    _body_answer(single)
+    before = {k: v.SerializeToString() for k, v in extproc._body_response_cache.items()}
+    assert before
     resp, ctx = _body_answer(cfg)
     headers = _set(resp)
     assert decode_prefix(headers[PREFIX_HEADER].decode()) == (256, ctx.prefix_hashes)
     assert TARGET_POD_HEADER in headers
     # The cached answers other requests share are untouched.
-    from router_ext.envoy_adapter import extproc
-
-    cached = list(extproc._body_response_cache.values())
-    assert cached and all(PREFIX_HEADER not in _set(c) for c in cached)
+    after = {k: v.SerializeToString() for k, v in extproc._body_response_cache.items()}
+    assert after == before
+    assert all(PREFIX_HEADER not in _set(c) for c in extproc._body_response_cache.values())
 
 
 def test_a_single_router_sends_no_prefix_header() -> None:
