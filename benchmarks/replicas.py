@@ -354,11 +354,17 @@ def _quality_cell(
     duration: float,
     cell_seed: int,
     processes: int | None = None,
+    envoy: Mapping[str, Any] | None = None,
+    tag: str = "",
 ) -> QCell:
-    overrides: dict[str, Any] = {"routing": {"seed": 7}}
+    overrides: dict[str, Any] = {"routing": {"seed": 7}, "envoy": dict(envoy or {})}
     procs = processes or replicas
     st = _stack(
-        workdir / f"{workload}-{replicas}-of-{procs}", fleet, procs, PROFILE[workload], overrides
+        workdir / f"{workload}-{replicas}-of-{procs}{tag}",
+        fleet,
+        procs,
+        PROFILE[workload],
+        overrides,
     )
     if procs != replicas:
         st.active = replicas

@@ -655,6 +655,17 @@ class EnvoySection(_Strict):
             "intervals."
         ),
     )
+    placement_log_flush_ms: int = Field(
+        default=100,
+        ge=1,
+        le=1000,
+        description=(
+            "With several router replicas: how often Envoy flushes the placement log (one "
+            "entry per upstream attempt as it starts) to every replica. Until a peer's "
+            "placement arrives a replica counts that pod as idler than it is; 20 ms measured "
+            "no better than 100 ms with 4 replicas (benchmarks/results/replicas_flush.md)."
+        ),
+    )
     access_log_path: str = "/dev/null"
     echo_target_pod: bool = Field(
         default=False,

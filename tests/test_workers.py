@@ -173,23 +173,30 @@ def _endpoints(c: dict[str, Any]) -> list[str]:
     ]
 
 
-def _loggers(b: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(HCM access-log clusters, router upstream-log clusters) of the gRPC loggers."""
+def _grpc_logs(b: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(HCM access-log, router upstream-log) gRPC loggers' common_config."""
     (hcm,) = [
         f["typed_config"]
         for f in b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
     ]
     (router,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router"]
 
-    def grpc_clusters(logs: list[dict[str, Any]]) -> list[str]:
+    def grpc(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [
-            a["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+            a["typed_config"]["common_config"]
             for a in logs
             if a["name"] == "envoy.access_loggers.http_grpc"
         ]
 
-    return grpc_clusters(hcm["access_log"]), grpc_clusters(
-        router["typed_config"].get("upstream_log", [])
+    return grpc(hcm["access_log"]), grpc(router["typed_config"].get("upstream_log", []))
+
+
+def _loggers(b: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(HCM access-log clusters, router upstream-log clusters) of the gRPC loggers."""
+    down, up = _grpc_logs(b)
+    return (
+        [c["grpc_service"]["envoy_grpc"]["cluster_name"] for c in down],
+        [c["grpc_service"]["envoy_grpc"]["cluster_name"] for c in up],
     )
 
 
@@ -221,6 +228,32 @@ def test_every_replica_is_an_ext_proc_endpoint_with_its_own_logger(
     for name, addr in zip(names, expected, strict=True):
         assert _endpoints(clusters[name]) == [addr]  # each logger reaches exactly one replica
         assert "health_checks" not in clusters[name]
+
+
+def _flush_intervals(b: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """(HCM access-log, router upstream-log) buffer_flush_interval values."""
+    down, up = _grpc_logs(b)
+    return {c["buffer_flush_interval"] for c in down}, {c["buffer_flush_interval"] for c in up}
+
+
+@pytest.mark.parametrize(("ms", "rendered"), [(None, "0.1s"), (20, "0.02s"), (250, "0.25s")])
+def test_the_placement_log_flushes_at_its_own_interval(
+    tmp_path: Path, ms: int | None, rendered: str
+) -> None:
+    # A peer's placement is load a replica cannot see until the entry arrives, so its flush
+    # interval is tunable apart from the completion log's (which bounds how late a failure
+    # arrives).
+    envoy: dict[str, Any] = {} if ms is None else {"placement_log_flush_ms": ms}
+    cfg = RouterConfig.model_validate(
+        {"router": {"workers": 2}, "envoy": envoy, "base_dir": tmp_path}
+    )
+    assert _flush_intervals(render_bootstrap(cfg)) == ({"0.1s"}, {rendered})
+
+
+def test_placement_flush_interval_out_of_range_is_rejected() -> None:
+    for bad in (0, 1001):
+        with pytest.raises(ValueError, match="placement_log_flush_ms"):
+            RouterConfig.model_validate({"envoy": {"placement_log_flush_ms": bad}})
 
 
 def test_replica_bootstrap_validates_with_real_envoy(tmp_path: Path) -> None:
