@@ -1,64 +1,137 @@
-"""Diagnostic (issue 13): does every replica count every placement and completion?
+"""Diagnostic (issue 13): what differs for a request between 1 and 4 router replicas.
 
-Runs the shared-prefix workload (benchmarks/replicas.py part 1's fleet, 31 req/s for 20 s)
-through 4 router replicas and prints each replica's replication counters. With a correct
-ledger every replica reports placed/ended own = its decisions and peer = the others'.
+Runs the shared-prefix workload (benchmarks/replicas.py part 1's fleet, 31 req/s for 20 s,
+the same arrival plan and prompt texts each time, caches emptied between) through 1 and then
+4 replicas, `rounds` times alternating, and prints per run:
+- each replica's replication counters: with a correct ledger every replica reports placed and
+  ended, own = its decisions and peer = the others', for every request;
+- Envoy's routing delay (router_ext_envoy_pre_upstream_seconds, from the access log: start of
+  request to first byte sent upstream), p50/p90/p99 by bucket upper bound, and the clients'
+  TTFT p50/p90.
 
-    python -m benchmarks.replicas_ledger_check
+    python -m benchmarks.replicas_ledger_check [--rounds 2]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import shared_prefix
 from benchmarks.common import RUN_DIR, wait_until
-from benchmarks.replicas import PROFILE, SHARED, _stack, start_fleet, wait_all_rescraped
+from benchmarks.replicas import (
+    PROFILE,
+    SHARED,
+    SimFleet,
+    _ms,
+    _stack,
+    flush_caches,
+    start_fleet,
+    wait_all_rescraped,
+)
 from benchmarks.shared_prefix import plan_for
-from router_ext.harness.loadgen import run_schedule
+from router_ext.harness.loadgen import percentile, run_schedule
+
+RATE = 31.0
+DURATION_S = 20.0
+
+
+def _samples(text: str, family: str) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (s.name, dict(s.labels), s.value)
+        for fam in text_string_to_metric_families(text)
+        if fam.name == family
+        for s in fam.samples
+    ]
+
+
+def _quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """The upper bound of the bucket holding quantile `q` (cumulative counts)."""
+    total = buckets[-1][1]
+    for bound, n in buckets:
+        if n >= q * total:
+            return bound
+    return float("inf")
+
+
+def one_run(fleet: SimFleet, replicas: int, rnd: int) -> None:
+    flush_caches(fleet)
+    st = _stack(RUN_DIR / "replicas-ledger-check" / f"{replicas}-{rnd}", fleet, replicas,
+                PROFILE[SHARED], {"routing": {"seed": 7}})  # fmt: skip
+    try:
+        st.start(timeout=90)
+        wait_all_rescraped(st)
+        plan = plan_for(SHARED, RATE, DURATION_S, 100, 5000, salt=False)
+        rs = asyncio.run(run_schedule(st.url, plan, timeout_s=60))
+        n = len(rs)
+
+        def ended(i: int) -> float:
+            return sum(
+                v
+                for name, labels, v in _samples(
+                    st.router_metrics_of(i), "router_ext_replication_entries"
+                )
+                if labels.get("kind") == "ended" and name.endswith("_total")
+            )
+
+        def routed(i: int) -> float:
+            return sum(
+                v
+                for name, _, v in _samples(
+                    st.router_metrics_of(i), "router_ext_envoy_pre_upstream_seconds"
+                )
+                if name.endswith("_count")
+            )
+
+        # The last entries arrive within the access log's flush interval, not at once.
+        wait_until(
+            lambda: all(ended(i) >= n and routed(i) >= n for i in range(st.n_routers)),
+            10,
+            "every replica to receive every request's end",
+            step=0.05,
+        )
+        ttft = [r.ttft_s for r in rs if r.ok and r.ttft_s is not None]
+        pre = [
+            (float(labels["le"]), v)
+            for name, labels, v in _samples(
+                st.router_metrics_of(0), "router_ext_envoy_pre_upstream_seconds"
+            )
+            if name.endswith("_bucket")
+        ]
+        print(
+            f"round {rnd + 1}, {replicas} replica(s): {n} requests, "
+            f"{sum(1 for r in rs if not r.ok)} failed; TTFT p50/p90 "
+            f"{_ms(percentile(ttft, 50))}/{_ms(percentile(ttft, 90))} ms; Envoy routing delay "
+            f"p50/p90/p99 <= {_ms(_quantile(pre, 0.5))}/{_ms(_quantile(pre, 0.9))}/"
+            f"{_ms(_quantile(pre, 0.99))} ms",
+            flush=True,
+        )
+        for i in range(st.n_routers):
+            counts = [
+                f"{labels['kind']} {labels['origin']} {v:g}"
+                for name, labels, v in _samples(
+                    st.router_metrics_of(i), "router_ext_replication_entries"
+                )
+                if name.endswith("_total") and v
+            ]
+            print(f"  replica {i}: " + ", ".join(counts))
+    finally:
+        st.stop()
 
 
 def main() -> None:
-    wd = RUN_DIR / "replicas-ledger-check"
-    fleet = start_fleet(wd / "fleet", shared_prefix.PODS, shared_prefix.sim_args())
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    fleet = start_fleet(
+        RUN_DIR / "replicas-ledger-check" / "fleet", shared_prefix.PODS, shared_prefix.sim_args()
+    )
     try:
-        st = _stack(wd / "stack", fleet, 4, PROFILE[SHARED], {"routing": {"seed": 7}})
-        try:
-            st.start(timeout=90)
-            wait_all_rescraped(st)
-            plan = plan_for(SHARED, 31.0, 20, 100, 5000, salt=False)
-            rs = asyncio.run(run_schedule(st.url, plan, timeout_s=60))
-            print(f"requests {len(rs)}, failed {sum(1 for r in rs if not r.ok)}")
-
-            def ended(i: int) -> float:
-                return sum(
-                    s.value
-                    for fam in text_string_to_metric_families(st.router_metrics_of(i))
-                    if fam.name == "router_ext_replication_entries"
-                    for s in fam.samples
-                    if s.labels.get("kind") == "ended"
-                )
-
-            # The last entries arrive within the access log's flush interval, not at once.
-            wait_until(
-                lambda: all(ended(i) >= len(rs) for i in range(st.n_routers)),
-                10,
-                "every replica to receive every request's end",
-                step=0.05,
-            )
-            for i in range(st.n_routers):
-                out = [
-                    f"{s.name}{dict(s.labels)}={s.value:g}"
-                    for fam in text_string_to_metric_families(st.router_metrics_of(i))
-                    if fam.name.startswith("router_ext_replication")
-                    for s in fam.samples
-                    if s.value
-                ]
-                print(f"replica {i}: " + ", ".join(out))
-        finally:
-            st.stop()
+        for rnd in range(max(1, args.rounds)):
+            for k in (1, 4) if rnd % 2 == 0 else (4, 1):
+                one_run(fleet, k, rnd)
     finally:
         fleet.child.stop()
 

@@ -148,6 +148,16 @@ def overview_panels() -> list[Panel]:
             unit="s",
         ),
         Panel(
+            "Routing delay seen by Envoy",
+            "Envoy's time from a request's start to its first byte sent upstream (ext_proc "
+            "exchanges, body buffering, connect), p50 and p99, from the access log.",
+            [
+                Target(_quantile(0.5, "router_ext_envoy_pre_upstream_seconds_bucket"), "p50"),
+                Target(_quantile(0.99, "router_ext_envoy_pre_upstream_seconds_bucket"), "p99"),
+            ],
+            unit="s",
+        ),
+        Panel(
             "Mean fallback list length",
             "Fallbacks sent after the primary, on average. Below routing.fallbacks means the "
             "pool is too small to fail over as configured.",

@@ -180,6 +180,24 @@ async def test_unknown_strategy_is_400_with_openai_error(make_stack) -> None:  #
     assert SERVED_BY_HEADER not in h  # no pod was bothered
 
 
+async def test_envoy_reports_how_long_routing_held_each_routed_request(make_stack) -> None:  # type: ignore[no-untyped-def]
+    # Envoy's own timing (start of request -> first byte sent upstream), from its access log:
+    # one observation per request that reached a pod, none for one the router answered itself.
+    st = make_stack(pods=2, strategy="least-request")
+    count = "router_ext_envoy_pre_upstream_seconds_count"
+    entries = "router_ext_access_log_entries_total"
+    held_s = "router_ext_envoy_pre_upstream_seconds_sum"
+    c0, e0, h0 = metric_sum(st, count), metric_sum(st, entries), metric_sum(st, held_s)
+    async with aiohttp.ClientSession() as s:
+        statuses = [(await post(s, st.url))[0] for _ in range(20)]
+        refused, _, _ = await post(s, st.url, {STRATEGY_REQUEST_HEADER: "fastest-please"})
+    assert statuses == [200] * 20 and refused == 400
+    await wait_metric(st, entries, lambda v: v >= e0 + 21)  # every entry, the 400's included
+    assert metric_sum(st, count) == c0 + 20
+    held = metric_sum(st, held_s) - h0
+    assert 0 < held < 20 * 1.0  # a real duration per request, under a second each here
+
+
 async def test_empty_pool_is_503_with_openai_error(make_stack) -> None:  # type: ignore[no-untyped-def]
     st = make_stack(pods=2)
     good = st.pods_file.read_text()

@@ -84,6 +84,7 @@ class RouterApp:
             on_cut=self.telemetry.on_stream_cut,
             on_rejected=self.telemetry.on_access_log_rejected,
         )
+        self.telemetry.fleet.pre_upstream = self.feedback.pre_upstream
         self.write_eds = write_eds
         self.serving = False
         self.draining = False

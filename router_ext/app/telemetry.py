@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from router_ext.envoy_adapter.xds import EdsStats
 from router_ext.fleet.feedback import CUT_REASONS, REJECT_REASONS
+from router_ext.fleet.histogram import PlainHistogram
 from router_ext.fleet.snapshot import PodState, ScrapeResult, Snapshot
 from router_ext.routing.ledger import Ignored, Ledger, Origin
 from router_ext.routing.stats import (
@@ -220,6 +221,7 @@ class _FleetCollector(Collector):
         self.models_failures: Callable[[], dict[str, int]] = dict
         self.eds: Callable[[], EdsStats | None] = lambda: None
         self.ledger: Ledger | None = None
+        self.pre_upstream: PlainHistogram | None = None
 
     def _ledger(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         led = self.ledger
@@ -254,8 +256,24 @@ class _FleetCollector(Collector):
         g.add_metric(["peer"], len(led.peer))
         yield g
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(
+        self,
+    ) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         yield from self._ledger()
+        if self.pre_upstream is not None:
+            h = HistogramMetricFamily(
+                f"{PREFIX}_envoy_pre_upstream_seconds",
+                "Envoy's time from a request's start to its first byte sent upstream, from the "
+                "access log (ext_proc exchanges, body buffering, upstream connect; with several "
+                "replicas every replica counts every request). What routing costs a client, "
+                "including the gRPC and scheduling time the decision histogram cannot see.",
+            )
+            h.add_metric(
+                [],
+                [(_fmt(b), n) for b, n in self.pre_upstream.cumulative()],
+                self.pre_upstream.sum,
+            )
+            yield h
         mf = CounterMetricFamily(
             f"{PREFIX}_models_fetch_failures",
             "Failed GET /v1/models of pods, by reason (the last listing is kept).",

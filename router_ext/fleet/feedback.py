@@ -37,6 +37,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf.duration_pb2 import Duration
 
 from router_ext.config import ACCESS_LOG_SERVICE, PREFIX_HEADER, TARGET_POD_HEADER
+from router_ext.fleet.histogram import PlainHistogram
 
 log = logging.getLogger("router_ext.fleet.feedback")
 
@@ -104,6 +105,14 @@ def _addr(sa: al.AccessLogCommon) -> str:
         return ""
     host = f"[{s.address}]" if ":" in s.address else s.address
     return f"{host}:{s.port_value}"
+
+
+#: Buckets (seconds) of FeedbackSink.pre_upstream: 0.5 ms (a header-only answer on a quiet
+#: router) .. 1 s (a large body uploaded slowly).
+PRE_UPSTREAM_BUCKETS = (
+    0.5e-3, 1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 10e-3, 15e-3, 20e-3, 30e-3, 50e-3, 100e-3, 250e-3,
+    500e-3, 1.0
+)  # fmt: skip
 
 
 def _seconds(d: Duration) -> float | None:
@@ -216,6 +225,11 @@ class FeedbackSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
         self.cut: dict[str, int] = {}  # reason -> streams cut after their headers went out
         self.rejected: dict[str, int] = {}  # reason -> entries dropped by containment
         self._reject_logged: set[str] = set()
+        #: Envoy's time from a request's start to its first byte sent upstream (every routed
+        #: request's entry; with several replicas, every replica's): ext_proc exchanges, body
+        #: buffering, upstream connect. What routing costs a client, which the router's own
+        #: decision histogram cannot see (gRPC, scheduling, Envoy's side).
+        self.pre_upstream = PlainHistogram(PRE_UPSTREAM_BUCKETS)
 
     def _reject(self, reason: str, detail: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -314,6 +328,9 @@ class FeedbackSink(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
         ttfb = _seconds(c.time_to_first_upstream_rx_byte)
         if ttfb is not None:
             fb.ttfb_ewma_s = _ewma(fb.ttfb_ewma_s, ttfb)
+        pre = _seconds(c.time_to_first_upstream_tx_byte)
+        if pre is not None:
+            self.pre_upstream.observe(pre)
 
     async def StreamAccessLogs(
         self,

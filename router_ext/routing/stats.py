@@ -11,6 +11,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Container
 
+from router_ext.fleet.histogram import PlainHistogram
+
 #: Decision latency buckets (seconds): 10 µs .. 50 ms.
 DECISION_BUCKETS = (
     10e-6, 25e-6, 50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1.6e-3, 3.2e-3, 6.4e-3, 12.8e-3, 50e-3
@@ -50,21 +52,14 @@ PLUGIN_BUCKETS = (
 )  # fmt: skip
 
 
-class PluginCost:
-    """One (plugin, phase) histogram in plain numbers. The pipeline holds a reference, so an
-    observation is a bisect and three additions: no dict lookup, no lock."""
+class PluginCost(PlainHistogram):
+    """One (plugin, phase) histogram. The pipeline holds a reference, so an observation is a
+    bisect and three additions: no dict lookup, no lock."""
 
-    __slots__ = ("buckets", "count", "sum")
+    __slots__ = ()
 
     def __init__(self) -> None:
-        self.buckets = [0] * (len(PLUGIN_BUCKETS) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, seconds: float) -> None:
-        self.buckets[bisect.bisect_left(PLUGIN_BUCKETS, seconds)] += 1
-        self.sum += seconds
-        self.count += 1
+        super().__init__(PLUGIN_BUCKETS)
 
 
 class HotPathStats:
