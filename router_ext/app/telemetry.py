@@ -30,7 +30,6 @@ from router_ext.routing.ledger import Ignored, Ledger, Origin
 from router_ext.routing.stats import (
     DECISION_BUCKETS,
     FALLBACK_BUCKETS,
-    PLUGIN_BUCKETS,
     HotPathStats,
 )
 
@@ -162,12 +161,7 @@ class _HotPathCollector(Collector):
             labels=["plugin", "phase"],
         )
         for (plugin, phase), cost in sorted(s.plugin_costs.items()):
-            acc = 0
-            pb = []
-            for bound, n in zip((*PLUGIN_BUCKETS, float("inf")), cost.buckets, strict=True):
-                acc += n
-                pb.append((_fmt(bound), acc))
-            ph.add_metric([plugin, phase], pb, cost.sum)
+            ph.add_metric([plugin, phase], _cumulative(cost), cost.sum)
         yield ph
         yield _labelled(
             "model_decisions",
@@ -268,11 +262,7 @@ class _FleetCollector(Collector):
                 "replicas every replica counts every request). What routing costs a client, "
                 "including the gRPC and scheduling time the decision histogram cannot see.",
             )
-            h.add_metric(
-                [],
-                [(_fmt(b), n) for b, n in self.pre_upstream.cumulative()],
-                self.pre_upstream.sum,
-            )
+            h.add_metric([], _cumulative(self.pre_upstream), self.pre_upstream.sum)
             yield h
         mf = CounterMetricFamily(
             f"{PREFIX}_models_fetch_failures",
@@ -314,6 +304,10 @@ def _labelled(
     for key, n in sorted(counts.items()):
         fam.add_metric(list(key), n)
     return fam
+
+
+def _cumulative(h: PlainHistogram) -> list[tuple[str, int]]:
+    return [(_fmt(b), n) for b, n in h.cumulative()]
 
 
 def _fmt(b: float) -> str:
