@@ -7,7 +7,11 @@ the same arrival plan and prompt texts each time, caches emptied between) throug
   ended, own = its decisions and peer = the others', for every request;
 - Envoy's routing delay (router_ext_envoy_pre_upstream_seconds, from the access log: start of
   request to first byte sent upstream), p50/p90/p99 by bucket upper bound, and the clients'
-  TTFT p50/p90.
+  TTFT p50/p90;
+- where the requests went: the (prefix group, pod) pairs served (each one's first request
+  prefilled the group's system prompt on that pod, the rest could hit it: a decider that
+  scatters a group shows more pairs), TTFT p90 of those first requests and of the rest, and
+  the busiest pod's share of requests against an even share.
 
     python -m benchmarks.replicas_ledger_check [--rounds 2]
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections import Counter
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,7 +37,7 @@ from benchmarks.replicas import (
     wait_all_rescraped,
 )
 from benchmarks.shared_prefix import plan_for
-from router_ext.harness.loadgen import percentile, run_schedule
+from router_ext.harness.loadgen import Result, percentile, run_schedule
 
 RATE = 31.0
 DURATION_S = 20.0
@@ -56,10 +61,35 @@ def _quantile(buckets: list[tuple[float, float]], q: float) -> float:
     return float("inf")
 
 
-def one_run(fleet: SimFleet, replicas: int, rnd: int) -> None:
+def spread(rs: list[Result]) -> str:
+    """Where a run's requests went: (group, pod) pairs, first-on-pod vs later TTFT, busiest pod."""
+    seen: set[tuple[str, str]] = set()
+    first: list[float] = []
+    later: list[float] = []
+    per_pod: Counter[str] = Counter()
+    for r in sorted(rs, key=lambda r: r.started):
+        if not r.ok or r.ttft_s is None:
+            continue
+        per_pod[r.served_by] += 1
+        key = (r.group, r.served_by)
+        (later if key in seen else first).append(r.ttft_s)
+        seen.add(key)
+    even = sum(per_pod.values()) / max(1, len(per_pod))
+    return (
+        f"{len(seen)} (group, pod) pairs over {len({g for g, _ in seen})} groups; TTFT p90 "
+        f"first-on-pod {_ms(percentile(first, 90))} ms ({len(first)}), later "
+        f"{_ms(percentile(later, 90))} ms ({len(later)}); busiest pod "
+        f"{max(per_pod.values(), default=0) / even:.2f} x an even share"
+    )
+
+
+def one_run(fleet: SimFleet, replicas: int, rnd: int, flush_ms: float | None) -> None:
     flush_caches(fleet)
+    cfg: dict[str, object] = {"routing": {"seed": 7}}
+    if flush_ms is not None:
+        cfg["envoy"] = {"placement_log_flush_ms": flush_ms}
     st = _stack(RUN_DIR / "replicas-ledger-check" / f"{replicas}-{rnd}", fleet, replicas,
-                PROFILE[SHARED], {"routing": {"seed": 7}})  # fmt: skip
+                PROFILE[SHARED], cfg)  # fmt: skip
     try:
         st.start(timeout=90)
         wait_all_rescraped(st)
@@ -108,6 +138,7 @@ def one_run(fleet: SimFleet, replicas: int, rnd: int) -> None:
             f"{_ms(_quantile(pre, 0.99))} ms",
             flush=True,
         )
+        print("  " + spread(rs), flush=True)
         for i in range(st.n_routers):
             counts = [
                 f"{labels['kind']} {labels['origin']} {v:g}"
@@ -124,6 +155,9 @@ def one_run(fleet: SimFleet, replicas: int, rnd: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--flush-ms", type=float, default=None, help="envoy.placement_log_flush_ms for every run"
+    )
     args = ap.parse_args()
     fleet = start_fleet(
         RUN_DIR / "replicas-ledger-check" / "fleet", shared_prefix.PODS, shared_prefix.sim_args()
@@ -131,7 +165,7 @@ def main() -> None:
     try:
         for rnd in range(max(1, args.rounds)):
             for k in (1, 4) if rnd % 2 == 0 else (4, 1):
-                one_run(fleet, k, rnd)
+                one_run(fleet, k, rnd, args.flush_ms)
     finally:
         fleet.child.stop()
 
