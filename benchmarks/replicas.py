@@ -399,7 +399,11 @@ def _quality_cell(
 
 
 def run_quality(
-    quick: bool, rounds: int, notes: list[str], cell_s: float | None = None
+    quick: bool,
+    rounds: int,
+    notes: list[str],
+    cell_s: float | None = None,
+    workloads: Sequence[str] = (QUALITY, SHARED),
 ) -> tuple[str, list[str]]:
     duration = cell_s or (4.0 if quick else 20.0)
     workdir = RUN_DIR / "replicas"
@@ -438,7 +442,7 @@ def run_quality(
         }
         print(f"capacity: quality {cap_q:.1f}, shared-prefix {cap_s:.2f}; rates {rates}")
         for rnd in range(rounds):
-            for workload in (QUALITY, SHARED):
+            for workload in workloads:
                 # Paired cells: every replica count of a round gets the same prompt texts (so
                 # the same prefix groups, hashed alike) and starts on empty caches. Which pod
                 # a group lands on is a lottery that moves TTFT p90 by +-30 % from one text
@@ -1149,6 +1153,7 @@ def run(
     rounds: int = 1,
     parts: Sequence[int] = (1, 2, 3),
     cell_s: float | None = None,
+    workloads: Sequence[str] = (QUALITY, SHARED),
 ) -> str:
     t0 = time.monotonic()
     load_start = loadavg()
@@ -1156,7 +1161,7 @@ def run(
     sections: list[str] = []
     targets: list[str] = []
     if 1 in parts:
-        md, tg = run_quality(quick, rounds, notes, cell_s)
+        md, tg = run_quality(quick, rounds, notes, cell_s, workloads)
         sections.append(md)
         targets += tg
     if 2 in parts:
@@ -1175,6 +1180,7 @@ def run(
     cmd += f" --rounds {rounds}" if rounds != 1 else ""
     cmd += f" --cell-s {cell_s:g}" if cell_s else ""
     cmd += f" --parts {','.join(str(p) for p in parts)}" if tuple(parts) != (1, 2, 3) else ""
+    cmd += f" --workloads {','.join(workloads)}" if tuple(workloads) != (QUALITY, SHARED) else ""
     head = [
         f"Command: `{cmd}` ({(time.monotonic() - t0) / 60:.1f} min). Load average at start "
         f"{load_start}, at end {loadavg()}.\n",
@@ -1185,7 +1191,7 @@ def run(
         *(t + "\n" for t in targets),
     ]
     md = "\n".join([*head, *sections, *(f"\nNote: {n}\n" for n in notes)])
-    if tuple(parts) == (1, 2, 3):
+    if tuple(parts) == (1, 2, 3) and tuple(workloads) == (QUALITY, SHARED):
         write_result(
             "replicas", "# Router replicas, active-active\n\n" + machine_markdown() + "\n" + md
         )
@@ -1202,10 +1208,29 @@ def main() -> None:
         help="which parts to run (3 includes 4); the result file is written only for all",
     )
     ap.add_argument("--cell-s", type=float, help="seconds per part 1 cell (default 20)")
+    ap.add_argument(
+        "--workloads",
+        default=f"{QUALITY},{SHARED}",
+        help="part 1's workloads; the result file is written only for both",
+    )
     args = ap.parse_args()
     parts = tuple(int(x) for x in args.parts.split(","))
+    workloads = tuple(w for w in args.workloads.split(",") if w)
+    unknown = [w for w in workloads if w not in PROFILE]
+    if unknown or not workloads:
+        ap.error(
+            f"--workloads: unknown {', '.join(unknown) or '(none)'}; known: {', '.join(PROFILE)}"
+        )
     t0 = time.monotonic()
-    print(run(quick=args.quick, rounds=max(1, args.rounds), parts=parts, cell_s=args.cell_s))
+    print(
+        run(
+            quick=args.quick,
+            rounds=max(1, args.rounds),
+            parts=parts,
+            cell_s=args.cell_s,
+            workloads=workloads,
+        )
+    )
     print(f"took {time.monotonic() - t0:.0f} s")
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import urllib.request
 from collections import Counter
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,6 +40,7 @@ from benchmarks.replicas import (
 )
 from benchmarks.shared_prefix import plan_for
 from router_ext.harness.loadgen import Result, percentile, run_schedule
+from router_ext.harness.sim.engine import MAX_CATCH_UP_S
 
 RATE = 31.0
 DURATION_S = 20.0
@@ -65,6 +68,7 @@ def spread(rs: list[Result]) -> str:
     """Where a run's requests went: (group, pod) pairs, first-on-pod vs later TTFT, busiest pod."""
     seen: set[tuple[str, str]] = set()
     first: list[float] = []
+    cold: list[Result] = []
     later: list[float] = []
     per_pod: Counter[str] = Counter()
     for r in sorted(rs, key=lambda r: r.started):
@@ -73,13 +77,41 @@ def spread(rs: list[Result]) -> str:
         per_pod[r.served_by] += 1
         key = (r.group, r.served_by)
         (later if key in seen else first).append(r.ttft_s)
+        if key not in seen:
+            cold.append(r)
         seen.add(key)
     even = sum(per_pod.values()) / max(1, len(per_pod))
+    # Stacking: at each cold prefill's start, how many other cold prefills on the same pod had
+    # started and not yet produced their first token.
+    stacked = [
+        sum(
+            1
+            for o in cold
+            if o is not r
+            and o.served_by == r.served_by
+            and o.started <= r.started < o.started + (o.ttft_s or 0.0)
+        )
+        for r in cold
+    ]
     return (
         f"{len(seen)} (group, pod) pairs over {len({g for g, _ in seen})} groups; TTFT p90 "
         f"first-on-pod {_ms(percentile(first, 90))} ms ({len(first)}), later "
         f"{_ms(percentile(later, 90))} ms ({len(later)}); busiest pod "
-        f"{max(per_pod.values(), default=0) / even:.2f} x an even share"
+        f"{max(per_pod.values(), default=0) / even:.2f} x an even share; cold prefills "
+        f"already running on the pod at a cold one's start: mean "
+        f"{sum(stacked) / max(1, len(stacked)):.2f}, max {max(stacked, default=0)}"
+    )
+
+
+def step_clock(fleet: SimFleet) -> tuple[float, float, float]:
+    """(engine time scheduled, how late step timers fired, engine time lost to host stalls),
+    summed over the fleet's pods."""
+    with urllib.request.urlopen(f"http://{fleet.control}/pods", timeout=5) as resp:
+        pods = json.loads(resp.read())["pods"].values()
+    return (
+        sum(p["step_s"] for p in pods),
+        sum(p["step_lag_s"] for p in pods),
+        sum(p["step_lost_s"] for p in pods),
     )
 
 
@@ -94,7 +126,9 @@ def one_run(fleet: SimFleet, replicas: int, rnd: int, flush_ms: float | None) ->
         st.start(timeout=90)
         wait_all_rescraped(st)
         plan = plan_for(SHARED, RATE, DURATION_S, 100, 5000, salt=False)
+        busy0, lag0, lost0 = step_clock(fleet)
         rs = asyncio.run(run_schedule(st.url, plan, timeout_s=60))
+        busy1, lag1, lost1 = step_clock(fleet)
         n = len(rs)
 
         def ended(i: int) -> float:
@@ -139,6 +173,12 @@ def one_run(fleet: SimFleet, replicas: int, rnd: int, flush_ms: float | None) ->
             flush=True,
         )
         print("  " + spread(rs), flush=True)
+        print(
+            f"  simulated engines: {busy1 - busy0:.1f} s of steps, timers fired "
+            f"{lag1 - lag0:.2f} s late in all ({(lag1 - lag0) / max(1e-9, busy1 - busy0):.1%}), "
+            f"engine time lost to stalls over {MAX_CATCH_UP_S:g} s: {lost1 - lost0:.2f} s",
+            flush=True,
+        )
         for i in range(st.n_routers):
             counts = [
                 f"{labels['kind']} {labels['origin']} {v:g}"

@@ -321,6 +321,36 @@ async def test_long_uncached_prompt_costs_engine_time_and_stalls_neighbours(
     assert chunked_gap < whole_gap / 2  # chunked prefill bounds the stall per step
 
 
+async def test_a_host_stall_delays_tokens_but_costs_the_engine_no_capacity(
+    fleet: SimFleet, http: aiohttp.ClientSession
+) -> None:
+    # One Python process simulates every pod next to Envoy, routers and the load generator:
+    # when the host is busy a step timer fires late. A GPU would not lose that time, so the
+    # engine's next step starts when the late one was due to end. Here the loop is blocked
+    # for 150 ms mid-decode (the host stall under test, not synchronisation): the stream's
+    # remaining tokens must still finish on the engine's schedule, not 150 ms later.
+    await fleet.start([SimPodConfig(name="pod-0", tpot_ms=10, ttft_ms=5)])
+    load = fleet.pods["pod-0"].load
+    step = 0.010 * (1 + 1 / 8)  # one sequence running: tpot * (1 + running / max_running)
+    body = {"prompt": "hi", "max_tokens": 60, "stream": True}
+    n = 0
+    t10 = 0.0
+    async with http.post(url(fleet, "pod-0", "/v1/completions"), json=body) as r:
+        async for line in r.content:
+            if not line.startswith(b"data: {"):
+                continue
+            n += 1
+            if n == 10:
+                t10 = time.monotonic()
+                time.sleep(0.15)  # the host stall
+        took = time.monotonic() - t10
+    assert n == 60
+    assert load.step_lag_s >= 0.14  # the stall did delay a step timer
+    assert load.step_lost_s == 0.0
+    # 50 more steps of engine time; without catching up it would be that + 0.15 s.
+    assert took < 50 * step + 0.075, f"{took:.3f} s for 50 steps of {step * 1000:.2f} ms"
+
+
 async def test_prefix_hit_skips_prefill_and_is_namespaced_by_adapter(
     fleet: SimFleet, http: aiohttp.ClientSession
 ) -> None:

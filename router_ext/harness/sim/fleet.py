@@ -34,6 +34,15 @@ class UnknownPodError(KeyError):
         return f"unknown pod {self.args[0]!r}"
 
 
+def _engine_clock(p: SimPod) -> dict[str, float]:
+    """Engine time scheduled, how late its step timers fired, and time lost to host stalls
+    (seconds, summed since the pod started): how much the host disturbed the simulated GPU."""
+    load = p.load
+    if load is None:
+        return {"step_s": 0.0, "step_lag_s": 0.0, "step_lost_s": 0.0}
+    return {"step_s": load.step_s, "step_lag_s": load.step_lag_s, "step_lost_s": load.step_lost_s}
+
+
 class SimFleet:
     """Simulated vLLM pods, each on its own loopback port, sharing one event loop."""
 
@@ -204,6 +213,7 @@ class SimFleet:
                     "running": p.running,
                     "waiting": p.waiting,
                     "in_flight": p.inflight,
+                    **_engine_clock(p),
                 }
                 for name, p in self.pods.items()
             },
