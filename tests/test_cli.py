@@ -80,6 +80,15 @@ def test_demo_refuses_an_unknown_strategy_naming_the_known_ones(tmp_path: Path) 
     assert p.stdout == ""  # refused before anything started
 
 
+def test_demo_refuses_a_fault_timed_after_the_run_ends(tmp_path: Path) -> None:
+    # --json alone runs 20 s: a kill at 25 s would never happen, and the summary would say
+    # nothing failed for the wrong reason.
+    p = run("demo", "--routers", "2", "--kill-router-after", "25", "--json", cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "--kill-router-after 25 is not before the run ends (--duration 20)" in p.stderr
+    assert p.stdout == ""
+
+
 def test_demo_strategy_comes_from_the_router_config() -> None:
     mine = {"routing": {"profiles": {"mine": {"scorers": [{"name": "queue"}]}}}}
     assert "mine" in known_strategies(mine)

@@ -130,12 +130,14 @@ async def test_one_of_two_replicas_sigkilled_under_load_no_failures(make_stack) 
 
 
 def test_demo_two_routers_kill_one_json(tmp_path: Path) -> None:
-    cmd = ["demo", "--routers", "2", "--kill-router-after", "2", "--duration", "5", "--json"]
+    # The acceptance command as a user types it: no --duration, so --json runs its default 20 s
+    # and ends by itself.
+    cmd = ["demo", "--routers", "2", "--kill-router-after", "5", "--json"]
     proc = subprocess.run(
         [sys.executable, "-m", "router_ext.app.cli", *cmd],
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=120,
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -147,7 +149,7 @@ def test_demo_two_routers_kill_one_json(tmp_path: Path) -> None:
     assert alive == [False, True], summary["per_router"]
     assert summary["per_router"][1]["decided"] > 0
     report(
-        "demo --routers 2 --kill-router-after 2",
+        "demo --routers 2 --kill-router-after 5 --json",
         requests=summary["requests_total"],
         failed=summary["requests_failed"],
         per_router=summary["per_router"],

@@ -47,6 +47,10 @@ WORKLOAD_STRATEGY = {"shared-prefix": "prefix-aware", "multi-turn": "session"}
 FALLBACK_STRATEGY = "least-request"
 
 
+#: Run length of `demo --json` without --duration.
+JSON_DURATION_S = 20.0
+
+
 class DemoError(Exception):
     """A demo flag that cannot be honoured; the message is shown to the user as is."""
 
@@ -109,8 +113,16 @@ def resolve_strategy(requested: str | None, workload: str, overrides: Mapping[st
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pods", type=int, default=4, help="simulated pods (default 4)")
-    p.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
-    p.add_argument("--json", action="store_true", help="print one JSON summary, no live table")
+    p.add_argument(
+        "--duration",
+        type=float,
+        help=f"seconds to run (default: until Ctrl-C; with --json, {JSON_DURATION_S:g})",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON summary at the end, no live table",
+    )
     p.add_argument(
         "--strategy",
         help="routing profile: a built-in or one in --router-config (default: prefix-aware for "
@@ -581,7 +593,33 @@ async def _run(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     return demo.summary()
 
 
+_FAULT_FLAGS = (
+    "kill_pod_after",
+    "revive_pod_after",
+    "kill_router_after",
+    "restart_router_after",
+    "add_cold_pod_after",
+)
+
+
+def _check_fault_times(args: argparse.Namespace) -> None:
+    """A fault timed at or after the end of the run would silently never happen."""
+    if args.duration is None:
+        return
+    for name in _FAULT_FLAGS:
+        t = getattr(args, name, None)
+        if t is not None and t >= args.duration:
+            flag = "--" + name.replace("_", "-")
+            raise DemoError(
+                f"{flag} {t:g} is not before the run ends (--duration {args.duration:g})"
+            )
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    if args.json and args.duration is None:
+        # A script waiting for the one JSON summary would otherwise wait for a Ctrl-C it
+        # never sends.
+        args.duration = JSON_DURATION_S
     try:
         models = demo_models(args.models)
         overrides = load_router_overrides(args.router_config)
@@ -589,6 +627,7 @@ def run_demo(args: argparse.Namespace) -> int:
         demo_workload(args, models)  # bad workload parameters fail before anything starts
         if not 1 <= args.routers <= 16:
             raise DemoError("--routers must be between 1 and 16")
+        _check_fault_times(args)
     except (DemoError, ConfigError, ValueError) as e:
         print(f"demo: {e}", file=sys.stderr)
         return 2
