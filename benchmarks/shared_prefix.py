@@ -456,6 +456,7 @@ def run(
     peers: bool = True,
     fractions: Sequence[float] = RATE_FRACTIONS,
     rounds: int = 1,
+    scrape_interval_s: float | None = None,
 ) -> str:
     """`rounds` > 1: every cell that many times (rotated, a new arrival plan each round); the
     table shows each router's median cell by TTFT p90 and lists every cell after it, into
@@ -466,6 +467,8 @@ def run(
     cap_s, warm_s = (4.0, 1.0) if quick else (15.0, 3.0)
     load_start = loadavg()
     notes: list[str] = []
+    if scrape_interval_s:
+        notes.append(f"router-ext scrapes every {scrape_interval_s * 1000:g} ms (default 500).")
     workdir = RUN_DIR / RESULT_NAME[workload]
     profiles = _available_profiles(ROUTERS[workload], notes)
     salt = not _texts_follow_seed(workload)
@@ -481,7 +484,11 @@ def run(
             pods=PODS,
             strategy="least-request",
             sim_args=args,
-            router_overrides={"routing": {"client_selectable": profiles, "seed": 7}},
+            router_overrides={
+                "routing": {"client_selectable": profiles, "seed": 7},
+                # A probe of how much a fresher view of each pod's queue is worth.
+                **({"scrape": {"interval_s": scrape_interval_s}} if scrape_interval_s else {}),
+            },
             router_log_level="warning",
         ),
     )
@@ -570,6 +577,8 @@ def run(
         load_start, notes,
     )  # fmt: skip
     name = RESULT_NAME[workload] + ("_rounds" if rounds > 1 else "")
+    if scrape_interval_s:
+        name += f"_scrape{scrape_interval_s * 1000:g}ms"
     _plot(cells, rates, workload, name)
     title = "Shared-prefix routing" if workload == "shared-prefix" else "Multi-turn routing"
     write_result(name, f"# {title}\n\n" + machine_markdown() + "\n" + md)
@@ -664,6 +673,11 @@ def main() -> None:
         help="rates as fractions of capacity, e.g. 0.9 (default 0.5,0.7,0.9)",
     )
     ap.add_argument("--rounds", type=int, default=1, help="cells per router and rate")
+    ap.add_argument(
+        "--scrape-interval-ms",
+        type=float,
+        help="router-ext's scrape.interval_s for this run (default 500 ms; own result file)",
+    )
     args = ap.parse_args()
     fr = tuple(float(x) for x in args.fractions.split(",")) if args.fractions else RATE_FRACTIONS
     t0 = time.monotonic()
@@ -674,6 +688,7 @@ def main() -> None:
             peers=not args.no_peer,
             fractions=fr,
             rounds=args.rounds,
+            scrape_interval_s=args.scrape_interval_ms / 1000 if args.scrape_interval_ms else None,
         )
     )
     print(f"took {time.monotonic() - t0:.0f} s")
