@@ -67,8 +67,7 @@ def _quantile(buckets: list[tuple[float, float]], q: float) -> float:
 def spread(rs: list[Result]) -> str:
     """Where a run's requests went: (group, pod) pairs, first-on-pod vs later TTFT, busiest pod."""
     seen: set[tuple[str, str]] = set()
-    first: list[float] = []
-    cold: list[Result] = []
+    cold: list[Result] = []  # each (group, pod) pair's first request: a cold prefill
     later: list[float] = []
     per_pod: Counter[str] = Counter()
     for r in sorted(rs, key=lambda r: r.started):
@@ -76,10 +75,12 @@ def spread(rs: list[Result]) -> str:
             continue
         per_pod[r.served_by] += 1
         key = (r.group, r.served_by)
-        (later if key in seen else first).append(r.ttft_s)
-        if key not in seen:
+        if key in seen:
+            later.append(r.ttft_s)
+        else:
             cold.append(r)
-        seen.add(key)
+            seen.add(key)
+    first = [r.ttft_s or 0.0 for r in cold]
     even = sum(per_pod.values()) / max(1, len(per_pod))
     # Stacking: at each cold prefill's start, how many other cold prefills on the same pod had
     # started and not yet produced their first token.
@@ -97,7 +98,7 @@ def spread(rs: list[Result]) -> str:
         f"{len(seen)} (group, pod) pairs over {len({g for g, _ in seen})} groups; TTFT p90 "
         f"first-on-pod {_ms(percentile(first, 90))} ms ({len(first)}), later "
         f"{_ms(percentile(later, 90))} ms ({len(later)}); busiest pod "
-        f"{max(per_pod.values(), default=0) / even:.2f} x an even share; cold prefills "
+        f"{max(per_pod.values(), default=0) / max(even, 1.0):.2f} x an even share; cold prefills "
         f"already running on the pod at a cold one's start: mean "
         f"{sum(stacked) / max(1, len(stacked)):.2f}, max {max(stacked, default=0)}"
     )

@@ -49,6 +49,14 @@ FALLBACK_STRATEGY = "least-request"
 
 #: Run length of `demo --json` without --duration.
 JSON_DURATION_S = 20.0
+#: Timed faults: the argument holding each one's time (seconds into the run) and its action.
+FAULTS = (
+    ("kill_pod_after", "kill_pod"),
+    ("revive_pod_after", "revive_pod"),
+    ("kill_router_after", "kill_router"),
+    ("restart_router_after", "restart_router"),
+    ("add_cold_pod_after", "add_cold_pod"),
+)
 
 
 class DemoError(Exception):
@@ -309,13 +317,8 @@ class _Demo:
     async def faults(self) -> None:
         a = self.args
         plan: list[tuple[float, str]] = []
-        for t, what in (
-            (a.kill_pod_after, "kill_pod"),
-            (a.revive_pod_after, "revive_pod"),
-            (a.kill_router_after, "kill_router"),
-            (a.restart_router_after, "restart_router"),
-            (a.add_cold_pod_after, "add_cold_pod"),
-        ):
+        for flag, what in FAULTS:
+            t = getattr(a, flag, None)
             if t is not None:
                 plan.append((t, what))
         for t, what in sorted(plan):
@@ -593,20 +596,11 @@ async def _run(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     return demo.summary()
 
 
-_FAULT_FLAGS = (
-    "kill_pod_after",
-    "revive_pod_after",
-    "kill_router_after",
-    "restart_router_after",
-    "add_cold_pod_after",
-)
-
-
 def _check_fault_times(args: argparse.Namespace) -> None:
     """A fault timed at or after the end of the run would silently never happen."""
     if args.duration is None:
         return
-    for name in _FAULT_FLAGS:
+    for name, _ in FAULTS:
         t = getattr(args, name, None)
         if t is not None and t >= args.duration:
             flag = "--" + name.replace("_", "-")
