@@ -1,57 +1,61 @@
 """How the prefix-aware profile's spill threshold and weights were chosen (measured, not guessed).
 
     python -m benchmarks.prefix_tuning [--quick] [--workload shared-prefix|multi-turn]
+                                       [--rounds N] [--no-peer]
 
 The shared-prefix benchmark's fleet and workload (benchmarks/shared_prefix.py), at 90 % of the
 measured capacity, one Stack: variants of the built-in `prefix-aware` (or `session`) profile
-configured side by side and chosen per request by header, interleaved over rounds, each
-cell with fresh prefix texts. The variants differ only in `spill_waiting` (requests waiting on
-the holder before its prefix stops counting) and in the prefix weight, so the table shows
-what each costs in TTFT and what it buys in hit rate.
+configured side by side and chosen per request by header, interleaved over rounds with
+sglang-router in front of the same pods, each cell with fresh prefix texts. The variants
+differ in how a prefix nobody holds is placed (`miss_balance`, `miss_owner`) and in
+`spill_waiting` (requests waiting on the holder before its prefix stops counting), so the
+table shows what each costs in TTFT and what it buys in hit rate, each round paired with the
+peer on the same arrival plan (one round's TTFT p90 swings 2-3x with the plan).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import math
 import time
 from typing import Any
 
-from benchmarks.common import RUN_DIR, loadavg, machine_markdown, md_table, write_result
+from benchmarks.common import (
+    RUN_DIR,
+    Child,
+    loadavg,
+    machine_markdown,
+    md_table,
+    median,
+    write_result,
+)
+from benchmarks.peer_sglang_router import SGLANG_LABEL, start_sglang
+from benchmarks.peer_vllm_router import PeerUnavailable
 from benchmarks.shared_prefix import (
-    FAIL_OPEN_STAT,
     PODS,
-    REQUEST_TIMEOUT_S,
-    _pod_counters,
+    Cell,
     _texts_follow_seed,
     _wait_rescraped,
-    hit_rate,
     measure_capacity,
     plan_for,
     rotated,
+    run_cell,
     sim_args,
-    summarize,
 )
 from router_ext.config import STRATEGY_REQUEST_HEADER
+from router_ext.harness.envoy_proc import free_port
 from router_ext.harness.stack import Stack, StackOptions
 
-LOAD = ({"name": "queue", "weight": 2.0, "params": {"running_tie_break": True}},)
+LOAD = (
+    {"name": "queue", "weight": 2.0, "params": {"running_tie_break": True}},
+    {"name": "kv-cache", "weight": 1.0},
+    {"name": "lora-affinity", "weight": 1.0},
+)
 
 
-REQUESTS = ({"name": "requests", "weight": 2.0},)
-
-
-def _prefix(
-    spill: float, weight: float, load: tuple[dict[str, Any], ...] = LOAD, spread: float = 0.3
-) -> dict[str, Any]:
-    params = {"spill_waiting": spill, "miss_spread": spread}
-    return {
-        "scorers": [
-            {"name": "prefix-cache", "weight": weight, "params": params},
-            *load,
-            {"name": "kv-cache", "weight": 1.0},
-        ]
-    }
+def _prefix(**params: Any) -> dict[str, Any]:
+    """The built-in prefix-aware profile's scorers with these prefix-cache parameters."""
+    return {"scorers": [{"name": "prefix-cache", "weight": 3.0, "params": params}, *LOAD]}
 
 
 def _session(spill: float, weight: float) -> dict[str, Any]:
@@ -65,24 +69,46 @@ def _session(spill: float, weight: float) -> dict[str, Any]:
 
 VARIANTS = {
     "shared-prefix": {
-        **{f"p-spill{s:g}-w{w:g}": _prefix(s, w) for s, w in ((1, 3), (2, 3), (4, 3), (8, 3))},
-        **{f"p-req-spill{s:g}-w{w:g}": _prefix(s, w, REQUESTS) for s, w in ((4, 3),)},
-        "p-spill8-w3-nospread": _prefix(8, 3, spread=0.0),
+        # The profile before miss_balance: a miss by load and its ring owner, spill at 8.
+        "ring-spill8": _prefix(miss_balance=0.0, spill_waiting=8),
+        **{f"ring-spill{s:g}": _prefix(miss_balance=0.0, spill_waiting=s) for s in (6, 4)},
+        **{f"bal-spill{s:g}": _prefix(miss_balance=1.0, spill_waiting=s) for s in (6, 4)},
     },
     "multi-turn": {
         f"s-spill{s:g}-w{w:g}": _session(s, w) for s, w in ((1, 4), (2, 4), (4, 4), (16, 4))
     },
 }
+LEGEND = {
+    "shared-prefix": (
+        "Every variant is the built-in `prefix-aware` (prefix-cache x3, queue x2 with "
+        "running tie-break, kv-cache x1, lora-affinity x1) with other prefix-cache "
+        "parameters: `ring-`: a miss placed by load and its ring owner (miss_owner 0.25), "
+        "miss_balance 0; `bal-`: miss_balance 1 (a miss goes to the pod sent the fewest "
+        "prompts lately) plus the ring; `spillS`: spill_waiting S. "
+        "`vs sglang`: the variant's TTFT p90 over sglang-router's in the same round (same "
+        "arrival plan), median and geometric mean over rounds."
+    ),
+    "multi-turn": (
+        "`s-spillS-wW`: session-affinity weight W with spill_waiting S, plus requests x1."
+    ),
+}
 
 
-def run(quick: bool = False, workload: str = "shared-prefix", rounds: int = 2) -> str:
+def _geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else math.nan
+
+
+def run(
+    quick: bool = False, workload: str = "shared-prefix", rounds: int = 2, peer: bool = True
+) -> str:
     variants = VARIANTS[workload]
     names = [*variants, "least-request"]
     duration = 5.0 if quick else 20.0
     salt = not _texts_follow_seed(workload)
     load_start = loadavg()
+    workdir = RUN_DIR / f"prefix_tuning_{workload}"
     stack = Stack(
-        RUN_DIR / f"prefix_tuning_{workload}",
+        workdir,
         StackOptions(
             pods=PODS,
             strategy="least-request",
@@ -93,62 +119,93 @@ def run(quick: bool = False, workload: str = "shared-prefix", rounds: int = 2) -
             router_log_level="warning",
         ),
     )
-    cells = []
+    cells: list[tuple[int, Cell]] = []
+    children: list[Child] = []
+    sglang = ""
     try:
         stack.start(timeout=90)
         pods = list(stack.pods.values())
         capacity, _ = measure_capacity(pods, workload, 4.0 if quick else 12.0, 2.0, salt)
         rate = 0.9 * capacity
         print(f"capacity {capacity:.1f} req/s; cells at {rate:.1f}", flush=True)
+        if peer:
+            try:
+                children.append(
+                    start_sglang(pods, port := free_port(), free_port(), workdir / "sglang.log")
+                )
+                sglang = f"http://127.0.0.1:{port}"
+            except PeerUnavailable as e:
+                print(f"{SGLANG_LABEL} not measured: {e}", flush=True)
+        everyone = [*names, *([SGLANG_LABEL] if sglang else [])]
         seed = 5000
         for r in range(rounds):
-            for name in rotated(names, r):
+            for name in rotated(everyone, r):
                 seed += 1
                 plan = plan_for(workload, rate, duration, 300 + r, seed, salt)
-                before = _pod_counters(pods)
-                fo0 = stack.envoy_stat(FAIL_OPEN_STAT)
-                rs = asyncio.run(run_schedule_headers(stack.url, plan, name))
-                c = summarize(name, rate, rs, hit_rate(before, _pod_counters(pods)), strategy=name)
-                c.fail_open = int(stack.envoy_stat(FAIL_OPEN_STAT) - fo0)
-                cells.append(c)
+                if name == SGLANG_LABEL:
+                    url, headers, strategy = sglang, {}, None
+                else:
+                    url, headers, strategy = stack.url, {STRATEGY_REQUEST_HEADER: name}, name
+                c = run_cell(stack, pods, name, rate, plan, url, headers, strategy)
+                cells.append((r, c))
                 print(
-                    f"round {r + 1} {name:18} n={c.n} failed={c.failed} TTFT p50/p90/p99 "
+                    f"round {r + 1} {name:26} n={c.n} failed={c.failed} TTFT p50/p90/p99 "
                     f"{c.ttft[0] * 1e3:.0f}/{c.ttft[1] * 1e3:.0f}/{c.ttft[2] * 1e3:.0f} ms "
-                    f"hit {c.hit_rate * 100:.0f}% pods/group {c.pods_per_group:.1f}",
+                    f"hit {c.hit_rate * 100:.0f}% pods/group {c.pods_per_group:.1f} "
+                    f"busiest {c.busiest:.2f}",
                     flush=True,
                 )
                 _wait_rescraped(stack)
     finally:
+        for ch in children:
+            ch.stop()
         stack.stop()
+    peer_p90 = {r: c.ttft[1] for r, c in cells if c.name == SGLANG_LABEL}
     rows = []
-    for name in names:
-        mine = [c for c in cells if c.name == name]
-        med = sorted(mine, key=lambda c: c.ttft[1])[len(mine) // 2]
+    for name in everyone:
+        mine = [c for _, c in cells if c.name == name]
+        med = sorted(mine, key=lambda c: c.ttft[1])[(len(mine) - 1) // 2]
+        ratios = [c.ttft[1] / peer_p90[r] for r, c in cells if c.name == name and r in peer_p90]
         rows.append(
             [
                 name,
                 f"{med.ttft[0] * 1e3:.0f}",
                 f"{med.ttft[1] * 1e3:.0f}",
                 f"{med.ttft[2] * 1e3:.0f}",
+                f"{median(ratios):.2f} / {_geomean(ratios):.2f}" if ratios else "-",
                 f"{med.hit_rate * 100:.0f}%",
                 f"{med.pods_per_group:.1f}",
+                f"{med.busiest:.2f}",
                 str(sum(c.failed for c in mine)),
             ]
         )
+    log = "\n".join(
+        f"round {r + 1} {c.name:26} n={c.n} failed={c.failed} TTFT p50/p90/p99 "
+        f"{c.ttft[0] * 1e3:.0f}/{c.ttft[1] * 1e3:.0f}/{c.ttft[2] * 1e3:.0f} ms hit "
+        f"{c.hit_rate * 100:.0f}% pods/group {c.pods_per_group:.1f} busiest {c.busiest:.2f}"
+        for r, c in cells
+    )
     md = (
         f"Workload `{workload}`, {PODS} sim pods, cells of {duration:.0f} s at 90 % of the "
-        f"measured capacity ({capacity:.1f} req/s), {rounds} interleaved rounds (the cell with "
-        f"the median TTFT p90 shown). Load average at start {load_start}, at end {loadavg()}.\n\n"
+        f"measured capacity ({capacity:.1f} req/s), {rounds} interleaved rounds, one arrival "
+        f"plan per round shared by every router (the cell with the median TTFT p90 shown). "
+        f"Load average at start {load_start}, at end {loadavg()}.\n\n"
         + md_table(
-            ["variant", "TTFT p50 ms", "p90 ms", "p99 ms", "prefix hit", "pods/group", "failed"],
+            [
+                "variant",
+                "TTFT p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "p90 vs sglang (median / geomean)",
+                "prefix hit",
+                "pods/group",
+                "busiest pod",
+                "failed",
+            ],
             rows,
         )
-        + "\n\n`p-spillS-wW`: prefix-cache weight W with spill_waiting S, plus queue x2 and "
-        "kv-cache x1 (the built-in's load scorers); `p-req-…`: the same with requests x2 "
-        "(running + waiting + picks) instead of queue; `nospread`: miss_spread 0 (a new prefix "
-        "placed by load alone); the others miss_spread 0.3 (the built-in uses 0). "
-        "`s-spillS-wW`: "
-        "session-affinity weight W with spill_waiting S, plus requests x1.\n"
+        + f"\n\n{LEGEND[workload]} `busiest pod`: requests on the busiest pod over the mean.\n"
+        + f"\nEvery cell:\n\n```\n{log}\n```\n"
     )
     write_result(
         f"prefix_tuning_{workload.replace('-', '_')}",
@@ -157,22 +214,15 @@ def run(quick: bool = False, workload: str = "shared-prefix", rounds: int = 2) -
     return md
 
 
-async def run_schedule_headers(url: str, plan: Any, name: str) -> Any:
-    from router_ext.harness.loadgen import run_schedule
-
-    return await run_schedule(
-        url, plan, headers={STRATEGY_REQUEST_HEADER: name}, timeout_s=REQUEST_TIMEOUT_S
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workload", choices=tuple(VARIANTS), default="shared-prefix")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--no-peer", action="store_true", help="skip sglang-router")
     a = ap.parse_args()
     t0 = time.monotonic()
-    print(run(a.quick, a.workload, a.rounds))
+    print(run(a.quick, a.workload, a.rounds, peer=not a.no_peer))
     print(f"took {time.monotonic() - t0:.0f} s")
 
 

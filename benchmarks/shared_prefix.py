@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -113,6 +114,9 @@ class Cell:
     off_strategy: int = 0  # router-ext answers naming another (degraded) strategy
     fail_open: int = 0  # Envoy ext_proc failure_mode_allowed during the cell
     errors: list[str] = field(default_factory=list)
+    # Requests the busiest pod served / the mean over pods that served any: 1.0 is an even
+    # spread; at 90 % load a pod at 1.2 is past its capacity.
+    busiest: float = math.nan
 
 
 # --- pure helpers (tested in tests/test_bench_harness.py) ---------------------------------
@@ -183,6 +187,8 @@ def summarize(
         if r.served_by:
             by_group.setdefault(r.group, set()).add(r.served_by)
     spread = sum(len(s) for s in by_group.values()) / len(by_group) if by_group else float("nan")
+    per_pod = Counter(r.served_by for r in ok if r.served_by)
+    busiest = max(per_pod.values()) * len(per_pod) / sum(per_pod.values()) if per_pod else math.nan
     errors = sorted({(r.error or f"HTTP {r.status}: {r.body[:120]}") for r in rs if not r.ok})
     return Cell(
         name=name,
@@ -195,6 +201,7 @@ def summarize(
         pods_per_group=spread,
         off_strategy=sum(1 for r in ok if strategy is not None and r.strategy != strategy),
         errors=errors[:3],
+        busiest=busiest,
     )
 
 
@@ -240,6 +247,7 @@ def table(cells: Sequence[Cell], rates: Sequence[float]) -> str:
                     f"{c.out_tps:.0f}",
                     _pct(c.hit_rate),
                     "-" if math.isnan(c.pods_per_group) else f"{c.pods_per_group:.1f}",
+                    "-" if math.isnan(c.busiest) else f"{c.busiest:.2f}",
                 ]
             )
     header = [
@@ -253,6 +261,7 @@ def table(cells: Sequence[Cell], rates: Sequence[float]) -> str:
         "output tok/s",
         "prefix hit rate",
         "pods per group",
+        "busiest pod",
     ]
     return md_table(header, rows)
 
@@ -412,6 +421,27 @@ def measure_capacity(
     return sum(per_pod), per_pod
 
 
+def run_cell(
+    stack: Stack,
+    pods: Sequence[str],
+    name: str,
+    rate: float,
+    plan: Any,
+    url: str,
+    headers: dict[str, str],
+    strategy: str | None,
+) -> Cell:
+    """One cell: the plan sent to `url`, summarised with the pods' hit rate over it and, for
+    router-ext (`strategy` set), the requests Envoy failed open."""
+    before = _pod_counters(pods)
+    fo0 = stack.envoy_stat(FAIL_OPEN_STAT)
+    rs = asyncio.run(run_schedule(url, plan, headers=headers, timeout_s=REQUEST_TIMEOUT_S))
+    c = summarize(name, rate, rs, hit_rate(before, _pod_counters(pods)), strategy=strategy)
+    if strategy is not None:
+        c.fail_open = int(stack.envoy_stat(FAIL_OPEN_STAT) - fo0)
+    return c
+
+
 def _start_peers(
     pods: list[str], workdir: Path, notes: list[str]
 ) -> tuple[dict[str, str], list[Child]]:
@@ -525,23 +555,15 @@ def run(
                     url, headers, strategy = peer_urls[name], {}, None
                 else:
                     url, headers, strategy = stack.url, {STRATEGY_REQUEST_HEADER: name}, name
-                before = _pod_counters(pods)
-                fo0 = stack.envoy_stat(FAIL_OPEN_STAT)
                 t0 = time.monotonic()
-                rs = asyncio.run(
-                    run_schedule(url, plan, headers=headers, timeout_s=REQUEST_TIMEOUT_S)
-                )
-                c = summarize(
-                    name, rate, rs, hit_rate(before, _pod_counters(pods)), strategy=strategy
-                )
-                if strategy is not None:
-                    c.fail_open = int(stack.envoy_stat(FAIL_OPEN_STAT) - fo0)
+                c = run_cell(stack, pods, name, rate, plan, url, headers, strategy)
                 cells.append(c)
                 print(
                     f"rate {rate:6.2f} {name:26} n={c.n:4d} failed={c.failed} TTFT "
                     f"p50/p90/p99 {_ms(c.ttft[0])}/{_ms(c.ttft[1])}/{_ms(c.ttft[2])} ms "
                     f"{c.out_tps:.0f} tok/s hit {_pct(c.hit_rate)} pods/group "
-                    f"{c.pods_per_group:.1f} ({time.monotonic() - t0:.0f} s)"
+                    f"{c.pods_per_group:.1f} busiest {c.busiest:.2f} "
+                    f"({time.monotonic() - t0:.0f} s)"
                     + (f" errors: {c.errors}" if c.errors else ""),
                     flush=True,
                 )
@@ -615,7 +637,9 @@ def _markdown(
         table(cells, rates),
         "`prefix hit rate`: the pods' own `vllm:prefix_cache_hits_total / "
         "queries_total` over the cell. `pods per group`: distinct pods that served one prefix "
-        "group (multi-turn: one session), from the pods' `x-served-by`.\n",
+        "group (multi-turn: one session), from the pods' `x-served-by`. `busiest pod`: "
+        "requests the busiest pod served over the mean per pod (1.00: an even spread; at "
+        "90 % load a pod at 1.11 or more is at or past its capacity).\n",
     ]
     out += [
         line + "\n"

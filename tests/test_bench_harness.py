@@ -86,6 +86,7 @@ def test_summarize_counts_failures_tokens_spread_and_degraded_answers() -> None:
     assert c.ttft == (0.2, 0.3, 0.3)
     assert c.out_tps == pytest.approx(40 / 2.0)  # tokens over first send .. last completion
     assert c.pods_per_group == pytest.approx(1.5)  # g0 on 2 pods, g1 on 1
+    assert c.busiest == pytest.approx(2 / 1.5)  # p1 served 2 of 3, the mean is 1.5
     assert c.off_strategy == 1
     assert c.errors == ["ClientError: boom"]
 

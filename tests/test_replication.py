@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Any
 
 import pytest
 from envoy.config.core.v3 import base_pb2
@@ -141,12 +142,14 @@ def test_prefix_value_round_trips() -> None:
 # --- replicas agreeing ------------------------------------------------------------------------
 
 
-def replicas(n: int, pods: int = 8) -> list[Router]:
+def replicas(n: int, pods: int = 8, **routing: Any) -> list[Router]:
     snap, _ = fleet([("llama",)] * pods)
     out = []
     for seed in range(n):
         r = Router(
-            RouterConfig.model_validate({"routing": {"slow_start_s": 0, "sample_size": 2}}),
+            RouterConfig.model_validate(
+                {"routing": {"slow_start_s": 0, "sample_size": 2, **routing}}
+            ),
             HotPathStats(),
             seed=seed,
         )
@@ -157,11 +160,21 @@ def replicas(n: int, pods: int = 8) -> list[Router]:
 
 def test_replicas_that_never_heard_of_each_other_place_new_prefixes_alike() -> None:
     # Idle fleet, a sample of 2 of 8 pods, different random generators: only the ring owner
-    # of each prompt's first block can make them agree.
-    a, b = replicas(2)
+    # of each prompt's first block can make them agree. The built-in prefix-aware also
+    # balances a miss by the prompts each pod was sent lately (miss_balance), which replicas
+    # agree on only once the access log has told each of the other's: this is the profile
+    # without it, placing by load and ring owner.
+    ring_only = {
+        "scorers": [
+            {"name": "prefix-cache", "weight": 3, "params": {"miss_balance": 0}},
+            {"name": "queue", "weight": 2, "params": {"running_tie_break": True}},
+            {"name": "kv-cache", "weight": 1},
+        ]
+    }
+    a, b = replicas(2, profiles={"ring": ring_only}, client_selectable=["ring"])
     homes = []
     for g in range(24):
-        da, db = a.route(prompt_ctx(g, 0)), b.route(prompt_ctx(g, 1))
+        da, db = a.route(prompt_ctx(g, 0, "ring")), b.route(prompt_ctx(g, 1, "ring"))
         assert names(da)[0] == names(db)[0]
         homes.append(names(da)[0])
         a.completed(da.pods[0].address)  # type: ignore[union-attr]
@@ -174,7 +187,7 @@ def test_without_the_ring_replicas_disagree() -> None:
     snap, _ = fleet([("llama",)] * 8)
     spec = {
         "scorers": [
-            {"name": "prefix-cache", "weight": 3, "params": {"miss_owner": 0}},
+            {"name": "prefix-cache", "weight": 3, "params": {"miss_owner": 0, "miss_balance": 0}},
             {"name": "queue", "weight": 2, "params": {"running_tie_break": True}},
             {"name": "kv-cache", "weight": 1},
         ]

@@ -241,6 +241,53 @@ def test_a_miss_goes_to_the_least_loaded_pod_not_the_first() -> None:
     assert names(r.route(prompt_ctx(1, 1)))[0] == "pod-2"
 
 
+def _homes(r: Router, sizes: list[int], profile: str) -> list[str]:
+    """Send `sizes[g]` prompts of group g, one group after another, each completed at once
+    (idle pods: load cannot tell them apart); the pod each group settled on."""
+    out = []
+    for g, n in enumerate(sizes):
+        for q in range(n):
+            d = r.route(prompt_ctx(g, q, profile=profile))
+            assert isinstance(d, Decision)
+            r.completed(d.pods[0].address)
+        out.append(names(d)[0])
+    return out
+
+
+BALANCED = {
+    "scorers": [
+        {"name": "prefix-cache", "weight": 3, "params": {"miss_owner": 0, "miss_balance": 1}},
+        {"name": "queue", "weight": 2, "params": {"running_tie_break": True}},
+    ]
+}
+
+
+def test_miss_balance_places_new_prefixes_by_the_traffic_each_pod_already_draws() -> None:
+    snap, _ = fleet([("llama",)] * 4)
+    r = router(snap, profiles={"balanced": BALANCED}, client_selectable=["balanced"])
+    # A hot group first: the three groups after it avoid its pod, one per other pod.
+    homes = _homes(r, [30, 10, 10, 10], "balanced")
+    assert homes[0] not in homes[1:] and len(set(homes[1:])) == 3
+    # Equal groups land two per pod, as sglang's smallest-tree rule would place them.
+    snap2, _ = fleet([("llama",)] * 4)
+    r2 = router(snap2, profiles={"balanced": BALANCED}, client_selectable=["balanced"])
+    assert sorted(Counter(_homes(r2, [10] * 8, "balanced")).values()) == [2, 2, 2, 2]
+
+
+def test_without_miss_balance_idle_pods_take_new_prefixes_regardless_of_their_traffic() -> None:
+    # The control for the test above: load alone cannot see that one pod draws a hot group.
+    plain = {
+        "scorers": [
+            {**BALANCED["scorers"][0], "params": {"miss_owner": 0, "miss_balance": 0}},
+            BALANCED["scorers"][1],
+        ]
+    }
+    snap, _ = fleet([("llama",)] * 4)
+    r = router(snap, profiles={"plain": plain}, client_selectable=["plain"])
+    homes = _homes(r, [30] + [10] * 12, "plain")
+    assert homes[0] in homes[1:]
+
+
 def test_a_hot_prefix_spills_when_its_pod_queues() -> None:
     snap, _ = fleet([("llama",)] * 3)
     r = router(snap)
@@ -250,6 +297,24 @@ def test_a_hot_prefix_spills_when_its_pod_queues() -> None:
     busy, _ = fleet([("llama",)] * 3, loads=loads)
     r.publish(busy)  # same pods (same identities): the index is kept, the home now queues
     assert names(r.route(prompt_ctx(7, 2)))[0] != home
+
+
+def test_picks_split_a_prefix_only_behind_a_queue() -> None:
+    # Between scrapes the router's own picks count as waiting only on a pod the scrape saw
+    # queueing: one with free slots (vLLM runs up to max_num_seqs at once) admits them.
+    snap, _ = fleet([("llama",)] * 3, loads=[(1.0, 0.0)] * 3)
+    r = router(snap)
+    home = names(r.route(prompt_ctx(7, 0)))[0]
+    for q in range(1, 20):  # never completed: 19 picks in flight on a pod with no queue
+        assert names(r.route(prompt_ctx(7, q)))[0] == home
+    loads = [(8.0, 1.0) if f"pod-{i}" == home else (1.0, 0.0) for i in range(3)]
+    queued, _ = fleet([("llama",)] * 3, loads=loads)
+    r.publish(queued)  # a new scrape: its picks restart at 0, and it now has 1 waiting
+    scorer = next(s for s, _ in r.profiles["prefix-aware"].scorers if s.name == "prefix-cache")
+    spill = int(scorer.params.spill_waiting)  # type: ignore[attr-defined]
+    for q in range(20, 20 + spill - 1):  # waiting 1 + picks 0 .. spill - 2: under it
+        assert names(r.route(prompt_ctx(7, q)))[0] == home
+    assert names(r.route(prompt_ctx(7, 99)))[0] != home  # 1 + (spill - 1) picks: spill
 
 
 def test_a_pod_that_leaves_takes_its_prefix_entries_with_it() -> None:

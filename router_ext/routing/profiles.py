@@ -41,9 +41,10 @@ BUILTIN_PROFILES: dict[str, ProfileSpec] = {
         scorers=[ScorerSpec(name="queue", params={"running_tie_break": True})]
     ),
     # Prefix-cache affinity first, load second: a pod holding the prompt's prefix wins unless
-    # it queues (the scorer's spill_waiting) or is clearly busier; on a miss (every prefix
-    # score 0) the least-loaded pod wins. LoRA affinity keeps adapter requests on pods with
-    # the adapter loaded. Weights measured in benchmarks/shared_prefix.py.
+    # it queues (the scorer's spill_waiting) or is clearly busier; a prefix no pod holds goes
+    # to the pod sent the fewest prompts lately (miss_balance), then by load and ring owner.
+    # LoRA affinity keeps adapter requests on pods with the adapter loaded. Weights and the
+    # prefix scorer's defaults measured in benchmarks/prefix_tuning.py (README, Performance).
     "prefix-aware": ProfileSpec(
         scorers=[
             ScorerSpec(name="prefix-cache", weight=3.0),
