@@ -342,9 +342,13 @@ class PrefixCacheScorer(Scorer[PrefixState]):
         self._rings = _RingCache(_MISS_VNODES)
         # The last snapshot's pods by address: where a peer replica's placement is learned.
         self._by_address: dict[str, PodStatus] = {}
-        # Per pod identity: [prompts sent lately (decayed), when it was last decayed].
-        self._recent: dict[str, list[float]] = {}
+        # Per pod identity: prompts sent lately, each weighted exp(decay x (sent - epoch)).
+        # Every count shares the factor exp(-decay x (now - epoch)), so a miss compares the
+        # stored values with one exp() for all candidates, not one per pod; prepare moves
+        # the epoch forward (off the hot path) before the weights could overflow.
+        self._recent: dict[str, float] = {}
         self._decay = math.log(2) / self.params.balance_half_life_s
+        self._epoch = time.monotonic()
 
     def bind_stats(self, stats: HotPathStats) -> None:
         self._stats = stats
@@ -371,8 +375,7 @@ class PrefixCacheScorer(Scorer[PrefixState]):
                 idx.capacity = self._capacity(p)
         for key in [k for k in self._pods if k not in present]:
             self._drop(key)
-        for key in [k for k in self._recent if k not in present]:
-            del self._recent[key]
+        self._rebase(present)
         self._by_address = {p.address: p for p in snap.pods}
         rings = self._rings.rings(snap) if self.params.miss_owner else {}
         return Prepared(PrefixState(ident, by_ident, rings))
@@ -513,9 +516,20 @@ class PrefixCacheScorer(Scorer[PrefixState]):
             for x, p in zip(out, candidates, strict=True)
         ]
 
-    def _recent_count(self, p: PodStatus, now: float) -> float:
-        r = self._recent.get(p.pod.identity)
-        return r[0] * math.exp(self._decay * (r[1] - now)) if r is not None else 0.0
+    def _rebase(self, present: set[str]) -> None:
+        """Forget departed pods; every ~20 half-lives, move the epoch to now (weights stay
+        far from overflow: 2**20 at most between rebases, plus the counts themselves)."""
+        recent = self._recent
+        now = time.monotonic()
+        shift = math.exp(self._decay * (self._epoch - now))
+        rebase = shift < 2.0**-20
+        for key in list(recent):
+            if key not in present:
+                del recent[key]
+            elif rebase:
+                recent[key] *= shift
+        if rebase:
+            self._epoch = now
 
     def _balance(self, candidates: Sequence[PodStatus]) -> list[float]:
         """miss_balance's score per candidate: the fewest prompts sent lately scores
@@ -523,22 +537,20 @@ class PrefixCacheScorer(Scorer[PrefixState]):
         (all equal: 0 each)."""
         if not candidates:
             return []
-        now = time.monotonic()
-        counts = [self._recent_count(p, now) for p in candidates]
-        hi, lo = max(counts), min(counts)
+        recent = self._recent
+        stored = [recent.get(p.pod.identity, 0.0) for p in candidates]
+        hi, lo = max(stored), min(stored)
+        # Stored weights to prompts as of now: one exp() for every candidate.
+        now_scale = math.exp(self._decay * (self._epoch - time.monotonic()))
         # A span under one prompt says nothing (replicas that made the same choices differ
         # by microseconds of decay): then the ring owner decides, the same on every replica.
-        scale = self.params.miss_balance / max(hi - lo, 1.0)
-        return [(hi - x) * scale for x in counts]
+        scale = self.params.miss_balance / max((hi - lo) * now_scale, 1.0)
+        return [(hi - x) * now_scale * scale for x in stored]
 
     def _count(self, key: str) -> None:
-        now = time.monotonic()
-        r = self._recent.get(key)
-        if r is None:
-            self._recent[key] = [1.0, now]
-        else:
-            r[0] = r[0] * math.exp(self._decay * (r[1] - now)) + 1.0
-            r[1] = now
+        recent = self._recent
+        w = math.exp(self._decay * (time.monotonic() - self._epoch))
+        recent[key] = recent.get(key, 0.0) + w
 
     def on_pick(self, ctx: RequestContext, view: PoolView, decision: Decision) -> None:
         hashes = ctx.prefix_hashes
