@@ -12,6 +12,13 @@ Envoy, same run; runs interleaved (order rotated every round) at concurrency 1 (
 16 (throughput ratio), so machine noise lands on both alike. Ratios are per round, medians
 reported. Goals (issue 11): >= 0.85x throughput at 16 KB, >= 0.7x at 128 KB.
 
+The floor, measured in the same rounds at the top concurrency: a second Envoy (the same
+bootstrap without the access log) in front of benchmarks/minimal_extproc.py
+`--body-for prefix-aware`, which does no work at all but answers that profile's requests the
+way router-ext does (ask for the buffered body in the header answer, name the pod in the body
+answer). Its body/header-only ratio is what the second message exchange costs any Python
+grpc.aio ext_proc; router-ext's ratio below it is its own body-path work.
+
 It refuses to report a number that is not about the body path: before and after the runs it
 reads `router_ext_body_reads_total` on the router's /metrics and requires one body read per
 prefix-aware request and none for least-request (BenchError otherwise, also when the counter
@@ -48,7 +55,7 @@ from benchmarks.common import (
     write_result,
 )
 from benchmarks.fast_upstream import SERVED_MODEL, FastUpstream, pod_hosts
-from benchmarks.overhead import PODS, _envoy_for, _pods_healthy
+from benchmarks.overhead import PODS, _envoy_for, _pods_healthy, _strip_extproc
 from router_ext.config import STRATEGY_REQUEST_HEADER, STRATEGY_USED_HEADER, load_config
 from router_ext.envoy_adapter.auth import load_or_create_token
 from router_ext.envoy_adapter.envoy_config import render_bootstrap
@@ -64,6 +71,8 @@ GOALS = {16 * 1024: 0.85, 128 * 1024: 0.7}
 BODY_READS = "router_ext_body_reads_total"
 BODY_SKIPPED = "router_ext_body_skipped_total"
 FAIL_OPEN_STAT = "http.ingress.ext_proc.failure_mode_allowed"
+#: Messages Envoy sent its ext_proc server: 2 per body-reading request, 1 per header-only one.
+MSGS_SENT_STAT = "http.ingress.ext_proc.stream_msgs_sent"
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -81,12 +90,17 @@ class Target:
     size: int
     profile: str
     lua: Path
+    floor: bool = False  # served by the minimal ext_proc, not router-ext
     results: dict[int, list[WrkResult]] = field(default_factory=dict)
     cpu_us: dict[int, list[float]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
-        return f"{self.size // 1024} KB {self.profile}"
+        return f"{self.size // 1024} KB {self.profile}" + (" (minimal)" if self.floor else "")
+
+    @property
+    def concurrencies(self) -> tuple[int, ...]:
+        return CONCURRENCIES[-1:] if self.floor else CONCURRENCIES
 
 
 def chat_body(size: int) -> bytes:
@@ -213,6 +227,26 @@ def _probe(url: str, metrics_url: str, bodies: dict[int, bytes]) -> None:
         )
 
 
+def _probe_floor(url: str, env: EnvoyProcess, bodies: dict[int, bytes]) -> None:
+    """The minimal ext_proc asks for the body exactly when router-ext does (Envoy's count of
+    messages sent to it: two per body-reading request, one per header-only one)."""
+
+    def sent() -> float:
+        return float(env.stats(MSGS_SENT_STAT).get(MSGS_SENT_STAT, 0))
+
+    for profile, per_request in ((BODY, 2), (HEADER_ONLY, 1)):
+        before = sent()
+        for body in bodies.values():
+            _post(url, body, profile)
+        moved = sent() - before
+        if moved != per_request * len(bodies):
+            raise BenchError(
+                f"the floor's Envoy sent {moved:g} ext_proc messages for {len(bodies)} {profile} "
+                f"requests, not {per_request * len(bodies)}: the minimal ext_proc is not "
+                "answering that profile the way router-ext does"
+            )
+
+
 def run(quick: bool = False, rounds: int | None = None, duration_s: float | None = None) -> str:
     rounds = rounds or (1 if quick else 3)
     duration_s = duration_s or (2.0 if quick else 8.0)
@@ -228,10 +262,13 @@ def run(quick: bool = False, rounds: int | None = None, duration_s: float | None
             lua = workdir / f"post-{s}-{p}.lua"
             lua.write_text(wrk_lua(f, p))
             targets.append(Target(s, p, lua))
+            targets.append(Target(s, p, lua, floor=True))
     upstream = FastUpstream(workdir / "upstream", pod_hosts(PODS), free_port(), free_port())
     pods_file = workdir / "pods.yaml"
     env: EnvoyProcess | None = None
+    floor_env: EnvoyProcess | None = None
     router: Child | None = None
+    minimal: Child | None = None
     try:
         upstream.start()
         pods_file.write_text(
@@ -256,29 +293,53 @@ def run(quick: bool = False, rounds: int | None = None, duration_s: float | None
         env = _envoy_for(cfg, boot, workdir)
         env.wait_ready(20)
         wait_until(lambda: _pods_healthy(env, True), 30, "Envoy: 16 healthy pods and the router")
+        fcfg = load_config(_router_cfg(workdir / "floor", pods_file))
+        fboot = _strip_extproc(
+            render_bootstrap(fcfg, load_or_create_token(fcfg.token_file)), drop_filter=False
+        )
+        minimal = Child(
+            "minimal-extproc",
+            [
+                sys.executable, "-m", "benchmarks.minimal_extproc",
+                "--port", str(fcfg.router.grpc.port), "--target", upstream.addresses[0],
+                "--body-for", BODY,
+            ],
+            workdir / "floor" / "extproc.log",
+        )  # fmt: skip
+        floor_env = _envoy_for(fcfg, fboot, workdir / "floor")
+        floor_env.wait_ready(20)
+        wait_until(
+            lambda: _pods_healthy(floor_env, True), 30, "floor Envoy: 16 pods and the minimal"
+        )
         lst, m = cfg.envoy.listener, cfg.router.metrics
         url = f"http://{lst.host}:{lst.port}/v1/chat/completions"
+        flst = fcfg.envoy.listener
+        floor_url = f"http://{flst.host}:{flst.port}/v1/chat/completions"
         metrics_url = f"http://{m.host}:{m.port}/metrics"
         _probe(url, metrics_url, bodies)
+        _probe_floor(floor_url, floor_env, bodies)
         for t in targets:  # warm-up: connections, Envoy's and Python's caches
-            run_wrk(url, 16, 1.0, t.lua)
+            run_wrk(floor_url if t.floor else url, 16, 1.0, t.lua)
         reads0 = _body_reads(metrics_url)
         sent_body = 0
         for r in range(rounds):
             order = targets[r % len(targets) :] + targets[: r % len(targets)]
             for conc in CONCURRENCIES:
                 for t in order:
-                    c0 = cpu_seconds(router.pid)
-                    res = run_wrk(url, conc, duration_s, t.lua)
+                    if conc not in t.concurrencies:
+                        continue
+                    pid = minimal.pid if t.floor else router.pid
+                    c0 = cpu_seconds(pid)
+                    res = run_wrk(floor_url if t.floor else url, conc, duration_s, t.lua)
                     t.results.setdefault(conc, []).append(res)
-                    used = cpu_seconds(router.pid) - c0
+                    used = cpu_seconds(pid) - c0
                     t.cpu_us.setdefault(conc, []).append(used / max(1, res.requests) * 1e6)
                     if res.errors:
                         raise BenchError(
                             f"{t.label} c={conc}: {res.errors} of {res.requests} requests failed; "
                             "a cost measured on errors says nothing about the body path"
                         )
-                    if t.profile == BODY:
+                    if t.profile == BODY and not t.floor:
                         sent_body += res.requests
                     print(
                         f"round {r + 1} c={conc:<2} {t.label:20} {res.rps:8.0f} req/s "
@@ -293,14 +354,17 @@ def run(quick: bool = False, rounds: int | None = None, duration_s: float | None
                 f"the router read {reads:.0f} bodies for {sent_body} {BODY} requests "
                 f"({BODY_SKIPPED} {skipped}): not a measurement of the body path"
             )
-        failed_open = float(env.stats(FAIL_OPEN_STAT).get(FAIL_OPEN_STAT, 0))
-        if failed_open:
-            raise BenchError(f"{failed_open:.0f} requests failed open during the run")
+        for e in (env, floor_env):
+            failed_open = float(e.stats(FAIL_OPEN_STAT).get(FAIL_OPEN_STAT, 0))
+            if failed_open:
+                raise BenchError(f"{failed_open:.0f} requests failed open during the run")
     finally:
-        if env is not None:
-            env.stop()
-        if router is not None:
-            router.stop()
+        for e in (env, floor_env):
+            if e is not None:
+                e.stop()
+        for ch in (router, minimal):
+            if ch is not None:
+                ch.stop()
         upstream.stop()
     md = _markdown(targets, rounds, duration_s, load_start)
     write_result(
@@ -309,17 +373,23 @@ def run(quick: bool = False, rounds: int | None = None, duration_s: float | None
     return md
 
 
-def ratios(targets: list[Target]) -> dict[int, tuple[float, float]]:
+def ratios(targets: list[Target]) -> dict[int, tuple[float, float, float | None]]:
     """Per size: (median per-round throughput ratio body/header-only at the top concurrency,
-    median per-round added p50 ms at concurrency 1)."""
-    by = {(t.size, t.profile): t for t in targets}
+    median per-round added p50 ms at concurrency 1, the same throughput ratio for the minimal
+    ext_proc or None when it was not measured)."""
+    by = {(t.size, t.profile, t.floor): t for t in targets}
     hi, lo = CONCURRENCIES[-1], CONCURRENCIES[0]
-    out: dict[int, tuple[float, float]] = {}
+
+    def tput(b: Target, h: Target) -> float:
+        return median([x.rps / y.rps for x, y in zip(b.results[hi], h.results[hi], strict=True)])
+
+    out: dict[int, tuple[float, float, float | None]] = {}
     for size in SIZES:
-        b, h = by[(size, BODY)], by[(size, HEADER_ONLY)]
-        tput = [x.rps / y.rps for x, y in zip(b.results[hi], h.results[hi], strict=True)]
+        b, h = by[(size, BODY, False)], by[(size, HEADER_ONLY, False)]
         added = [x.p50_ms - y.p50_ms for x, y in zip(b.results[lo], h.results[lo], strict=True)]
-        out[size] = (median(tput), median(added))
+        fb, fh = by.get((size, BODY, True)), by.get((size, HEADER_ONLY, True))
+        floor = tput(fb, fh) if fb is not None and fh is not None else None
+        out[size] = (tput(b, h), median(added), floor)
     return out
 
 
@@ -327,6 +397,8 @@ def _markdown(targets: list[Target], rounds: int, duration_s: float, load_start:
     rows = []
     for conc in CONCURRENCIES:
         for t in targets:
+            if conc not in t.concurrencies:
+                continue
             rs = t.results[conc]
             rows.append(
                 [
@@ -340,7 +412,10 @@ def _markdown(targets: list[Target], rounds: int, duration_s: float, load_start:
                 ]
             )
     rat = ratios(targets)
-    ratio_rows = [[f"{s // 1024} KB", f"{tp:.2f}", f"{ad:+.3f}"] for s, (tp, ad) in rat.items()]
+    ratio_rows = [
+        [f"{s // 1024} KB", f"{tp:.2f}", "-" if fl is None else f"{fl:.2f}", f"{ad:+.3f}"]
+        for s, (tp, ad, fl) in rat.items()
+    ]
     out = [
         f"wrk `-t1 -c{{{','.join(map(str, CONCURRENCIES))}}} -d{duration_s:g}s --latency`, POST "
         f"/v1/chat/completions with one JSON body per run, {PODS} pods behind Envoy's "
@@ -355,16 +430,18 @@ def _markdown(targets: list[Target], rounds: int, duration_s: float, load_start:
             [
                 "body",
                 f"throughput ratio (c={CONCURRENCIES[-1]})",
+                "the same for the minimal ext_proc (floor)",
                 f"added p50 ms (c={CONCURRENCIES[0]})",
             ],
             ratio_rows,
         ),
     ]
     for size, goal in GOALS.items():
-        tp = rat[size][0]
+        tp, _, fl = rat[size]
+        floor = "" if fl is None else f" (a minimal ext_proc doing no work: {fl:.2f}x)"
         out.append(
             f"\n**Target** {BODY} throughput at {size // 1024} KB bodies >= {goal:.2f}x "
-            f"header-only: {tp:.2f}x -> {'met' if tp >= goal else 'NOT met'}.\n"
+            f"header-only: {tp:.2f}x -> {'met' if tp >= goal else 'NOT met'}{floor}.\n"
         )
     return "\n".join(out)
 

@@ -2,6 +2,7 @@
 
     python -m benchmarks.prefix_tuning [--quick] [--workload shared-prefix|multi-turn]
                                        [--rounds N] [--no-peer]
+                                       [--variants A,B,...] [--tag TAG]
 
 The shared-prefix benchmark's fleet and workload (benchmarks/shared_prefix.py), at 90 % of the
 measured capacity, one Stack: variants of the built-in `prefix-aware` (or `session`) profile
@@ -22,6 +23,7 @@ from typing import Any
 
 from benchmarks.common import (
     RUN_DIR,
+    BenchError,
     Child,
     loadavg,
     machine_markdown,
@@ -72,11 +74,17 @@ VARIANTS = {
         # The profile before miss_balance: a miss by load and its ring owner, spill at 8.
         "ring-spill8": _prefix(miss_balance=0.0, spill_waiting=8),
         **{f"ring-spill{s:g}": _prefix(miss_balance=0.0, spill_waiting=s) for s in (6, 4)},
-        **{f"bal-spill{s:g}": _prefix(miss_balance=1.0, spill_waiting=s) for s in (6, 4)},
+        **{f"bal-spill{s:g}": _prefix(miss_balance=1.0, spill_waiting=s) for s in (6, 4, 3, 2)},
     },
     "multi-turn": {
         f"s-spill{s:g}-w{w:g}": _session(s, w) for s, w in ((1, 4), (2, 4), (4, 4), (16, 4))
     },
+}
+#: What a run measures without --variants (the lower spills were measured once, with
+#: `--variants bal-spill4,bal-spill3,bal-spill2 --tag spill_low`, and lost to spill 4).
+DEFAULT_VARIANTS = {
+    "shared-prefix": ("ring-spill8", "ring-spill6", "ring-spill4", "bal-spill6", "bal-spill4"),
+    "multi-turn": tuple(VARIANTS["multi-turn"]),
 }
 LEGEND = {
     "shared-prefix": (
@@ -99,9 +107,19 @@ def _geomean(xs: list[float]) -> float:
 
 
 def run(
-    quick: bool = False, workload: str = "shared-prefix", rounds: int = 2, peer: bool = True
+    quick: bool = False,
+    workload: str = "shared-prefix",
+    rounds: int = 2,
+    peer: bool = True,
+    only: tuple[str, ...] = (),
+    tag: str = "",
 ) -> str:
-    variants = VARIANTS[workload]
+    unknown = [v for v in only if v not in VARIANTS[workload]]
+    if unknown:
+        raise BenchError(
+            f"unknown {workload} variants {unknown}; known: {list(VARIANTS[workload])}"
+        )
+    variants = {v: VARIANTS[workload][v] for v in only or DEFAULT_VARIANTS[workload]}
     names = [*variants, "least-request"]
     duration = 5.0 if quick else 20.0
     salt = not _texts_follow_seed(workload)
@@ -208,7 +226,7 @@ def run(
         + f"\nEvery cell:\n\n```\n{log}\n```\n"
     )
     write_result(
-        f"prefix_tuning_{workload.replace('-', '_')}",
+        f"prefix_tuning_{workload.replace('-', '_')}" + (f"_{tag}" if tag else ""),
         f"# Tuning the {workload} profile\n\n" + machine_markdown() + "\n" + md,
     )
     return md
@@ -220,9 +238,12 @@ def main() -> None:
     ap.add_argument("--workload", choices=tuple(VARIANTS), default="shared-prefix")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--no-peer", action="store_true", help="skip sglang-router")
+    ap.add_argument("--variants", default="", help="comma-separated subset of VARIANTS")
+    ap.add_argument("--tag", default="", help="suffix of the results file's name")
     a = ap.parse_args()
     t0 = time.monotonic()
-    print(run(a.quick, a.workload, a.rounds, peer=not a.no_peer))
+    only = tuple(v for v in a.variants.split(",") if v)
+    print(run(a.quick, a.workload, a.rounds, peer=not a.no_peer, only=only, tag=a.tag))
     print(f"took {time.monotonic() - t0:.0f} s")
 
 

@@ -163,7 +163,14 @@ def test_body_cost_ratios_are_per_round_medians() -> None:
             t = body_cost.Target(size, profile, Path("x.lua"))
             t.results = {1: [w(rps, p50)] * 3, 16: [w(rps, p50), w(rps, p50), w(rps / 2, p50)]}
             targets.append(t)
+    # The minimal ext_proc's floor, measured for 16 KB only and at the top concurrency only.
+    for profile, rps in ((body_cost.HEADER_ONLY, 100), (body_cost.BODY, 90)):
+        t = body_cost.Target(16 * 1024, profile, Path("x.lua"), floor=True)
+        t.results = {16: [w(rps, 1.0)] * 3}
+        targets.append(t)
     r = body_cost.ratios(targets)
-    tput, added = r[16 * 1024]
+    tput, added, floor = r[16 * 1024]
     assert tput == pytest.approx(0.8)
     assert added == pytest.approx(0.5)
+    assert floor == pytest.approx(0.9)
+    assert r[1024][2] is None  # no floor measured for that size
