@@ -56,6 +56,7 @@ from benchmarks.common import (
     loadavg,
     machine_markdown,
     md_table,
+    median,
     write_result,
 )
 from benchmarks.peer_sglang_router import SGLANG_LABEL, sglang_version, start_sglang
@@ -117,6 +118,8 @@ class Cell:
     # Requests the busiest pod served / the mean over pods that served any: 1.0 is an even
     # spread; at 90 % load a pod at 1.2 is past its capacity.
     busiest: float = math.nan
+    # The round of a --rounds run: one arrival plan per (round, rate), shared by every router.
+    round_no: int = 0
 
 
 # --- pure helpers (tested in tests/test_bench_harness.py) ---------------------------------
@@ -266,42 +269,94 @@ def table(cells: Sequence[Cell], rates: Sequence[float]) -> str:
     return md_table(header, rows)
 
 
-def verdicts(cells: Sequence[Cell], top_rate: float, focus: str, target: bool) -> list[str]:
+def _by_round(cells: Sequence[Cell], rate: float) -> dict[int, dict[str, Cell]]:
+    out: dict[int, dict[str, Cell]] = {}
+    for c in cells:
+        if c.rate == rate:
+            out.setdefault(c.round_no, {})[c.name] = c
+    return out
+
+
+def verdicts(
+    cells: Sequence[Cell],
+    top_rate: float,
+    focus: str,
+    target: bool,
+    every: Sequence[Cell] = (),
+) -> list[str]:
     """The issue's goals at the top rate: TTFT p90 <= 0.8 x the best peer's and <= 0.25 x
-    least-request's, output tokens/s >= the best peer's, 0 failed."""
+    least-request's, output tokens/s >= the best peer's, 0 failed.
+
+    `cells`: one per router (with rounds, each router's median cell). `every`: all cells of
+    a run of several rounds; the ratios are then taken per round, where both routers ran the
+    same arrival plan, and their median decides. Comparing median cells of different rounds
+    compares arrival plans as much as routers: output tokens/s, fixed by the plan in an
+    open-loop run, would differ by the plan alone.
+    """
     at = {c.name: c for c in cells if c.rate == top_rate}
     me = at.get(focus)
     if me is None:
         return [f"{focus} was not measured at {top_rate:.1f} req/s: no verdict."]
+    rounds = _by_round(every, top_rate)
+    paired = len(rounds) > 1
+
+    def ratio(other: str, value: Callable[[Cell], float]) -> tuple[float, str]:
+        if not paired:
+            return value(me) / value(at[other]), ""
+        rs = [
+            value(r[focus]) / value(r[other])
+            for _, r in sorted(rounds.items())
+            if focus in r and other in r and value(r[other]) > 0
+        ]
+        per = ", ".join(f"{x:.3g}" for x in rs)
+        return median(rs), f", median of {len(rs)} per-round ratios ({per}) on shared arrival plans"
+
+    def p90(c: Cell) -> float:
+        return c.ttft[1]
+
+    def tps(c: Cell) -> float:
+        return c.out_tps
+
     peers = [at[p] for p in PEERS if p in at]
     lr = at.get("least-request")
     lead = "**Target**" if target else "Comparison:"
     out = []
     if peers:
         best_ttft = min(peers, key=_p90_key)
-        best_tps = max(peers, key=lambda c: c.out_tps)
-        r = me.ttft[1] / best_ttft.ttft[1]
+        if paired:  # the peer with the most output per round, by its median over rounds
+            best_tps = max(
+                peers,
+                key=lambda c: median([r[c.name].out_tps for r in rounds.values() if c.name in r]),
+            )
+        else:
+            best_tps = max(peers, key=tps)
+        r, how = ratio(best_ttft.name, p90)
         out.append(
             f"{lead} at {top_rate:.1f} req/s (90 % of capacity) {focus} TTFT p90 "
-            f"{_ms(me.ttft[1])} ms = {r:.2f} x the best peer's ({best_ttft.name}, "
-            f"{_ms(best_ttft.ttft[1])} ms); goal <= 0.8 x: {'met' if r <= 0.8 else 'NOT met'}."
+            f"{_ms(me.ttft[1])} ms vs the best peer's ({best_ttft.name}, "
+            f"{_ms(best_ttft.ttft[1])} ms) = {r:.3f} x{how}; goal <= 0.8 x: "
+            f"{'met' if r <= 0.8 else 'NOT met'}."
         )
+        r, how = ratio(best_tps.name, tps)
         out.append(
             f"{lead} at {top_rate:.1f} req/s {focus} output {me.out_tps:.0f} tok/s vs the best "
-            f"peer's {best_tps.out_tps:.0f} ({best_tps.name}); goal >=: "
-            f"{'met' if me.out_tps >= best_tps.out_tps else 'NOT met'}."
+            f"peer's {best_tps.out_tps:.0f} ({best_tps.name}) = {r:.3f} x{how}; goal >= 1: "
+            f"{'met' if r >= 1.0 else 'NOT met'}."
         )
     else:
         out.append(f"No peer was measured at {top_rate:.1f} req/s: no peer comparison.")
     if lr is not None:
-        r = me.ttft[1] / lr.ttft[1]
+        r, how = ratio(lr.name, p90)
         out.append(
-            f"{lead} at {top_rate:.1f} req/s {focus} TTFT p90 = {r:.2f} x least-request's "
-            f"({_ms(lr.ttft[1])} ms); goal <= 0.25 x: {'met' if r <= 0.25 else 'NOT met'}."
+            f"{lead} at {top_rate:.1f} req/s {focus} TTFT p90 = {r:.3f} x least-request's "
+            f"({_ms(lr.ttft[1])} ms){how}; goal <= 0.25 x: {'met' if r <= 0.25 else 'NOT met'}."
         )
+    mine = [r[focus] for r in rounds.values() if focus in r] if paired else [me]
+    failed, n = sum(c.failed for c in mine), sum(c.n for c in mine)
     out.append(
-        f"{lead} at {top_rate:.1f} req/s {focus} failed {me.failed} of {me.n}; goal 0: "
-        f"{'met' if me.failed == 0 else 'NOT met'}."
+        f"{lead} at {top_rate:.1f} req/s {focus} failed {failed} of {n}"
+        f"{f' over {len(mine)} rounds' if paired else ''}; goal 0: "
+        f"{'met' if failed == 0 else 'NOT met'}."
     )
     return out
 
@@ -557,6 +612,7 @@ def run(
                     url, headers, strategy = stack.url, {STRATEGY_REQUEST_HEADER: name}, name
                 t0 = time.monotonic()
                 c = run_cell(stack, pods, name, rate, plan, url, headers, strategy)
+                c.round_no = rnd
                 cells.append(c)
                 print(
                     f"rate {rate:6.2f} {name:26} n={c.n:4d} failed={c.failed} TTFT "
@@ -596,7 +652,7 @@ def run(
         )
     md = _markdown(
         workload, cells, rates, capacity, per_pod, duration, cap_s, warm_s, args, versions,
-        load_start, notes,
+        load_start, notes, every,
     )  # fmt: skip
     name = RESULT_NAME[workload] + ("_rounds" if rounds > 1 else "")
     if scrape_interval_s:
@@ -620,6 +676,7 @@ def _markdown(
     versions: str,
     load_start: str,
     notes: list[str],
+    every: Sequence[Cell] = (),
 ) -> str:
     out = [
         f"{PODS} simulated pods (`router-ext sim {' '.join(args)}`); workload `{workload}` "
@@ -643,7 +700,7 @@ def _markdown(
     ]
     out += [
         line + "\n"
-        for line in verdicts(cells, rates[-1], FOCUS[workload], workload == "shared-prefix")
+        for line in verdicts(cells, rates[-1], FOCUS[workload], workload == "shared-prefix", every)
     ]
     out.append(
         f"\n![TTFT p90 and prefix hit rate vs load](../../docs/{RESULT_NAME[workload]}.png)\n"

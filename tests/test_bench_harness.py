@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks import body_cost, shared_prefix
+from benchmarks import body_cost, prefix_tuning, shared_prefix
 from benchmarks.common import BenchError, WrkResult
 from benchmarks.peer_sglang_router import SGLANG_LABEL
 from router_ext.harness.loadgen import Result
@@ -115,12 +116,47 @@ def test_verdicts_compare_with_the_best_peer_and_least_request() -> None:
     ]
     v = shared_prefix.verdicts(cells, top, "prefix-aware", target=True)
     assert all(line.startswith("**Target**") for line in v)
-    assert "0.50 x the best peer's (sglang-router cache_aware" in v[0] and v[0].endswith(": met.")
-    assert "1000 tok/s vs the best peer's 990" in v[1] and v[1].endswith("met.")
-    assert "0.10 x least-request's" in v[2] and v[2].endswith(": met.")
+    assert "best peer's (sglang-router cache_aware, 200 ms) = 0.500 x;" in v[0]
+    assert v[0].endswith(": met.")
+    assert "1000 tok/s vs the best peer's 990" in v[1] and v[1].endswith(": met.")
+    assert "0.100 x least-request's" in v[2] and v[2].endswith(": met.")
     assert v[3].endswith(": met.")
     other = shared_prefix.verdicts(cells, top, "session", target=False)
     assert other == ["session was not measured at 9.0 req/s: no verdict."]
+
+
+def test_with_rounds_verdicts_pair_routers_on_each_rounds_arrival_plan() -> None:
+    """Each router's median cell can come from a different round; output tokens/s, fixed by
+    the arrival plan in an open-loop run, then differs by the plan alone. With rounds the
+    ratios are taken per round and their median decides."""
+    top = 9.0
+    # (prefix-aware p90, tps), (sglang p90, tps), least-request p90, per round
+    plan = [
+        ((0.10, 960), (0.30, 950), 1.0),
+        ((0.30, 1000), (0.10, 990), 1.2),
+        ((0.05, 1040), (0.20, 1030), 0.9),
+    ]
+    every = []
+    for rnd, ((p, pt), (g, gt), lr) in enumerate(plan):
+        every += [
+            replace(_cell("prefix-aware", top, p, pt), round_no=rnd),
+            replace(_cell(SGLANG_LABEL, top, g, gt), round_no=rnd),
+            replace(_cell("least-request", top, lr, 900), round_no=rnd),
+        ]
+    medians = shared_prefix.median_cells(every)
+    mine = next(c for c in medians if c.name == "prefix-aware")
+    peer = next(c for c in medians if c.name == SGLANG_LABEL)
+    assert (mine.round_no, peer.round_no) == (0, 2)  # median cells from different plans
+    assert mine.out_tps < peer.out_tps  # which alone would read as less output
+    v = shared_prefix.verdicts(medians, top, "prefix-aware", target=True, every=every)
+    assert "= 0.333 x, median of 3 per-round ratios (0.333, 3, 0.25)" in v[0], v[0]
+    assert v[0].endswith(": met.")
+    assert "= 1.010 x, median of 3 per-round ratios" in v[1] and v[1].endswith(": met."), v[1]
+    assert "= 0.100 x least-request's" in v[2], v[2]  # 0.1/1.0, 0.3/1.2, 0.05/0.9
+    assert v[3].endswith("failed 0 of 300 over 3 rounds; goal 0: met.")
+    # One round only: the cells themselves are compared, as before.
+    one = [c for c in every if c.round_no == 0]
+    assert "= 0.333 x;" in shared_prefix.verdicts(one, top, "prefix-aware", True, every=one)[0]
 
 
 def test_salting_changes_only_the_first_message() -> None:
@@ -174,3 +210,11 @@ def test_body_cost_ratios_are_per_round_medians() -> None:
     assert added == pytest.approx(0.5)
     assert floor == pytest.approx(0.9)
     assert r[1024][2] is None  # no floor measured for that size
+
+
+def test_prefix_tuning_refuses_an_unknown_variant_before_starting_anything() -> None:
+    with pytest.raises(BenchError, match="unknown shared-prefix variants \\['bal-spill9'\\]"):
+        prefix_tuning.run(only=("bal-spill4", "bal-spill9"))
+    # Every default names a variant the benchmark defines.
+    for workload, names in prefix_tuning.DEFAULT_VARIANTS.items():
+        assert set(names) <= set(prefix_tuning.VARIANTS[workload])
