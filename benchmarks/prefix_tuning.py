@@ -72,16 +72,31 @@ def _session(spill: float, weight: float) -> dict[str, Any]:
 VARIANTS = {
     "shared-prefix": {
         # The profile before miss_balance: a miss by load and its ring owner, spill at 8.
-        "ring-spill8": _prefix(miss_balance=0.0, spill_waiting=8),
-        **{f"ring-spill{s:g}": _prefix(miss_balance=0.0, spill_waiting=s) for s in (6, 4)},
-        **{f"bal-spill{s:g}": _prefix(miss_balance=1.0, spill_waiting=s) for s in (6, 4, 3, 2)},
+        # `spill`: spill_waiting counted from zero (spill_relative off: the default rule).
+        "ring-spill8": _prefix(miss_balance=0.0, spill_waiting=8, spill_relative=False),
+        **{
+            f"ring-spill{s:g}": _prefix(miss_balance=0.0, spill_waiting=s, spill_relative=False)
+            for s in (6, 4)
+        },
+        # 3 and 2: `--variants bal-spill4,bal-spill3,bal-spill2 --tag spill_low`, lost to 4.
+        **{
+            f"bal-spill{s:g}": _prefix(miss_balance=1.0, spill_waiting=s, spill_relative=False)
+            for s in (6, 4, 3, 2)
+        },
+        # spill_waiting counted above the least-waiting candidate's queue (spill_relative,
+        # off by default: `--variants bal-spill4,bal-rel4,bal-rel2 --tag relative` and
+        # `--variants bal-spill4,bal-rel4 --tag relative2` disagreed).
+        **{
+            f"bal-rel{s:g}": _prefix(miss_balance=1.0, spill_waiting=s, spill_relative=True)
+            for s in (4, 2)
+        },
     },
     "multi-turn": {
         f"s-spill{s:g}-w{w:g}": _session(s, w) for s, w in ((1, 4), (2, 4), (4, 4), (16, 4))
     },
 }
-#: What a run measures without --variants (the lower spills were measured once, with
-#: `--variants bal-spill4,bal-spill3,bal-spill2 --tag spill_low`, and lost to spill 4).
+#: What a run measures without --variants (the lower spills and the relative rule were
+#: measured with --variants and --tag; see the comments above).
 DEFAULT_VARIANTS = {
     "shared-prefix": ("ring-spill8", "ring-spill6", "ring-spill4", "bal-spill6", "bal-spill4"),
     "multi-turn": tuple(VARIANTS["multi-turn"]),
@@ -92,7 +107,8 @@ LEGEND = {
         "running tie-break, kv-cache x1, lora-affinity x1) with other prefix-cache "
         "parameters: `ring-`: a miss placed by load and its ring owner (miss_owner 0.25), "
         "miss_balance 0; `bal-`: miss_balance 1 (a miss goes to the pod sent the fewest "
-        "prompts lately) plus the ring; `spillS`: spill_waiting S. "
+        "prompts lately) plus the ring; `spillS`: spill_waiting S counted from zero; `relS`: "
+        "spill_waiting S above the least-waiting candidate's queue (spill_relative). "
         "`vs sglang`: the variant's TTFT p90 over sglang-router's in the same round (same "
         "arrival plan), median and geometric mean over rounds."
     ),

@@ -317,6 +317,43 @@ def test_picks_split_a_prefix_only_behind_a_queue() -> None:
     assert names(r.route(prompt_ctx(7, 99)))[0] != home  # 1 + (spill - 1) picks: spill
 
 
+def _spill_profiles() -> dict[str, Any]:
+    def spec(relative: bool) -> dict[str, Any]:
+        return {
+            "scorers": [
+                {
+                    "name": "prefix-cache",
+                    "weight": 3,
+                    "params": {"spill_waiting": 4, "spill_relative": relative},
+                },
+                {"name": "queue", "weight": 2, "params": {"running_tie_break": True}},
+            ]
+        }
+
+    return {"absolute": spec(False), "relative": spec(True)}
+
+
+@pytest.mark.parametrize(
+    ("others_waiting", "relative_stays"),
+    [(6.0, True), (0.0, False)],
+    ids=["every-pod-queues", "another-pod-is-free"],
+)
+def test_relative_spill_keeps_a_prefix_home_when_every_pod_queues(
+    others_waiting: float, relative_stays: bool
+) -> None:
+    # Home queues 9; the others 6 (a burst everywhere) or 0. spill_waiting 4 from zero moves
+    # the prefix in both cases; counted above the least-waiting candidate (6 + 4 = 10) it
+    # stays while every pod queues, and moves like the absolute rule when one is free.
+    profiles = _spill_profiles()
+    for k in profiles:
+        r = router(fleet([("llama",)] * 3)[0], profiles=profiles, client_selectable=list(profiles))
+        home = names(r.route(prompt_ctx(7, 0, k)))[0]
+        loads = [(8.0, 9.0 if f"pod-{i}" == home else others_waiting) for i in range(3)]
+        r.publish(fleet([("llama",)] * 3, loads=loads)[0])  # same pods: the index is kept
+        moved = names(r.route(prompt_ctx(7, 1, k)))[0] != home
+        assert moved is not (k == "relative" and relative_stays), (k, loads)
+
+
 def test_a_pod_that_leaves_takes_its_prefix_entries_with_it() -> None:
     snap, ps = fleet([("llama",)] * 3)
     r = router(snap)

@@ -43,6 +43,22 @@ def _spilling(p: PodStatus, picks: Sequence[int], spill: float) -> bool:
     return m.waiting + picks[p.index] >= spill
 
 
+def _queue_floor(candidates: Sequence[PodStatus], picks: Sequence[int]) -> float:
+    """The least waiting among candidates with metrics, as `_spilling` counts it (0 if one
+    has no queue): spill_relative's base."""
+    low = math.inf
+    for p in candidates:
+        m = p.score_metrics
+        if m is None:
+            continue
+        w = m.waiting + picks[p.index] if m.waiting > 0 else 0.0
+        if w < low:
+            low = w
+            if low <= 0:
+                return 0.0
+    return 0.0 if low == math.inf else low
+
+
 #: Ring points per pod for placing prefixes nobody holds (as the session ring's default).
 _MISS_VNODES = 32
 
@@ -287,6 +303,18 @@ class PrefixParams(PluginParams):
             "prefix_tuning_shared_prefix*.md)."
         ),
     )
+    spill_relative: bool = Field(
+        default=False,
+        description=(
+            "Count spill_waiting above the least-waiting candidate's queue, not from zero: "
+            "when every candidate queues (a burst), a prefix stays on its pod rather than "
+            "move to another queue and lose its cache there; with a candidate that has no "
+            "queue it is the same rule. Off by default: at 90 % load it read 0.71-0.95x the "
+            "absolute rule's TTFT p90 in 4 paired rounds of one run, 1.00-1.55x in the next, "
+            "and the shared-prefix benchmark read no better (benchmarks/results/"
+            "prefix_tuning_shared_prefix_relative*.md)."
+        ),
+    )
     miss_owner: float = Field(
         default=0.25,
         ge=0,
@@ -459,6 +487,8 @@ class PrefixCacheScorer(Scorer[PrefixState]):
             return self._miss(ctx, view, state, candidates)
         spill = self.params.spill_waiting
         picks = view.picks
+        if self.params.spill_relative:
+            spill += _queue_floor(candidates, picks)
         ident = state.ident
         # The holders of each block, looked up once per request as the binary searches reach
         # them (not once per candidate and probe): a hot prefix's blocks can be held by
@@ -511,6 +541,8 @@ class PrefixCacheScorer(Scorer[PrefixState]):
                 out[k] += ranks.get(p.index, 0.0)
         spill = p_.spill_waiting
         picks = view.picks
+        if p_.spill_relative:
+            spill += _queue_floor(candidates, picks)
         return [
             0.0 if x and _spilling(p, picks, spill) else min(1.0, x)
             for x, p in zip(out, candidates, strict=True)
