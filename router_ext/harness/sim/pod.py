@@ -420,13 +420,7 @@ class SimPod:
         self._inflight += 1
         self._idle.clear()
         try:
-            resp = await handler(request)
-            digest = request.get(BODY_DIGEST_HEADER)
-            if digest is not None and not resp.prepared:
-                # What the pod received, so tests can check a body crossed Envoy and the
-                # router byte-identical (streamed responses are sent already: not set).
-                resp.headers[BODY_DIGEST_HEADER] = digest
-            return resp
+            return await handler(request)
         finally:
             self._inflight -= 1
             if not self._inflight:
@@ -467,7 +461,14 @@ class SimPod:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge as e:  # aiohttp's 1 MiB body cap
             return self._error(413, e.text or "request body too large", "BadRequestError")
-        request[BODY_DIGEST_HEADER] = hashlib.sha256(raw).hexdigest()
+        resp = await self._answer(request, raw, chat)
+        if not resp.prepared:
+            # What the pod received, so tests can check a body crossed Envoy and the router
+            # byte-identical (streamed responses are sent already: not set).
+            resp.headers[BODY_DIGEST_HEADER] = hashlib.sha256(raw).hexdigest()
+        return resp
+
+    async def _answer(self, request: web.BaseRequest, raw: bytes, chat: bool) -> web.StreamResponse:
         try:
             body = json.loads(raw)
         except ValueError as e:
