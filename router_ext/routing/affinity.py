@@ -280,8 +280,10 @@ class PrefixParams(PluginParams):
             "long as they are used: this balances that share, where the load scorers "
             "balance only what is running at the moment of the miss. With spill_waiting 4 it "
             "read 0.65-0.73x sglang-router's TTFT p90 against 0.70-0.80x for the ring alone "
-            "(benchmarks/results/prefix_tuning_shared_prefix*.md). 0: placed by load and "
-            "miss_owner only, which makes replicas that have not heard of each other agree."
+            "on the tuning harness's plans, which flatter sglang-router (the shared-prefix "
+            "benchmark reads it level; benchmarks/results/prefix_tuning_shared_prefix*.md). "
+            "0: placed by load and miss_owner only, which makes replicas that have not heard "
+            "of each other agree."
         ),
     )
     balance_half_life_s: float = Field(
@@ -485,10 +487,8 @@ class PrefixCacheScorer(Scorer[PrefixState]):
         first = holders.get(hashes[0])
         if first is None:
             return self._miss(ctx, view, state, candidates)
-        spill = self.params.spill_waiting
         picks = view.picks
-        if self.params.spill_relative:
-            spill += _queue_floor(candidates, picks)
+        spill = self._spill_at(candidates, picks)
         ident = state.ident
         # The holders of each block, looked up once per request as the binary searches reach
         # them (not once per candidate and probe): a hot prefix's blocks can be held by
@@ -539,14 +539,19 @@ class PrefixCacheScorer(Scorer[PrefixState]):
             ranks = {p.index: s for p, s in zip(owners, (owner, owner / 2), strict=False)}
             for k, p in enumerate(candidates):
                 out[k] += ranks.get(p.index, 0.0)
-        spill = p_.spill_waiting
         picks = view.picks
-        if p_.spill_relative:
-            spill += _queue_floor(candidates, picks)
+        spill = self._spill_at(candidates, picks)
         return [
             0.0 if x and _spilling(p, picks, spill) else min(1.0, x)
             for x, p in zip(out, candidates, strict=True)
         ]
+
+    def _spill_at(self, candidates: Sequence[PodStatus], picks: Sequence[int]) -> float:
+        """The waiting at which a candidate spills this request (hit or miss alike)."""
+        p_ = self.params
+        if p_.spill_relative:
+            return p_.spill_waiting + _queue_floor(candidates, picks)
+        return p_.spill_waiting
 
     def _rebase(self, present: set[str]) -> None:
         """Forget departed pods; every ~20 half-lives, move the epoch to now (weights stay
