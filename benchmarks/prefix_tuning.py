@@ -79,15 +79,28 @@ VARIANTS = {
             for s in (6, 4)
         },
         # 3 and 2: `--variants bal-spill4,bal-spill3,bal-spill2 --tag spill_low`, lost to 4.
+        # `bal-`: a placement counts as one prompt (placement_weight 1, the rule they measured).
         **{
-            f"bal-spill{s:g}": _prefix(miss_balance=1.0, spill_waiting=s, spill_relative=False)
+            f"bal-spill{s:g}": _prefix(
+                miss_balance=1.0, spill_waiting=s, spill_relative=False, placement_weight=1.0
+            )
             for s in (6, 4, 3, 2)
+        },
+        # `pwW`: spill at 4, a placement counted as W prompts (placement_weight; default 1:
+        # `--variants bal-spill4,bal-pw8 --rounds 6 --seed 800 --tag placement` read 8 worse).
+        **{
+            f"bal-pw{w:g}": _prefix(
+                miss_balance=1.0, spill_waiting=4, spill_relative=False, placement_weight=w
+            )
+            for w in (4, 8, 16)
         },
         # spill_waiting counted above the least-waiting candidate's queue (spill_relative,
         # off by default: `--variants bal-spill4,bal-rel4,bal-rel2 --tag relative` and
         # `--variants bal-spill4,bal-rel4 --tag relative2` disagreed).
         **{
-            f"bal-rel{s:g}": _prefix(miss_balance=1.0, spill_waiting=s, spill_relative=True)
+            f"bal-rel{s:g}": _prefix(
+                miss_balance=1.0, spill_waiting=s, spill_relative=True, placement_weight=1.0
+            )
             for s in (4, 2)
         },
     },
@@ -98,7 +111,7 @@ VARIANTS = {
 #: What a run measures without --variants (the lower spills and the relative rule were
 #: measured with --variants and --tag; see the comments above).
 DEFAULT_VARIANTS = {
-    "shared-prefix": ("ring-spill8", "ring-spill6", "ring-spill4", "bal-spill6", "bal-spill4"),
+    "shared-prefix": ("ring-spill4", "bal-spill4", "bal-pw4", "bal-pw8", "bal-pw16"),
     "multi-turn": tuple(VARIANTS["multi-turn"]),
 }
 LEGEND = {
@@ -108,7 +121,9 @@ LEGEND = {
         "parameters: `ring-`: a miss placed by load and its ring owner (miss_owner 0.25), "
         "miss_balance 0; `bal-`: miss_balance 1 (a miss goes to the pod sent the fewest "
         "prompts lately) plus the ring; `spillS`: spill_waiting S counted from zero; `relS`: "
-        "spill_waiting S above the least-waiting candidate's queue (spill_relative). "
+        "spill_waiting S above the least-waiting candidate's queue (spill_relative); "
+        "`bal-` a new placement counts as one prompt, `bal-pwW` as W (placement_weight), "
+        "spill at 4. "
         "`vs sglang`: the variant's TTFT p90 over sglang-router's in the same round (same "
         "arrival plan), median and geometric mean over rounds."
     ),
@@ -129,7 +144,11 @@ def run(
     peer: bool = True,
     only: tuple[str, ...] = (),
     tag: str = "",
+    seed: int = 300,
 ) -> str:
+    """`seed`: round r's arrival plan is drawn from seed + r (the same for every variant and
+    sglang-router in the round). Runs with one seed replay the same plans: their rounds are
+    not new samples, so a second run that should count takes another seed."""
     unknown = [v for v in only if v not in VARIANTS[workload]]
     if unknown:
         raise BenchError(
@@ -171,11 +190,11 @@ def run(
             except PeerUnavailable as e:
                 print(f"{SGLANG_LABEL} not measured: {e}", flush=True)
         everyone = [*names, *([SGLANG_LABEL] if sglang else [])]
-        seed = 5000
+        plan_seed, seed = seed, 5000
         for r in range(rounds):
             for name in rotated(everyone, r):
                 seed += 1
-                plan = plan_for(workload, rate, duration, 300 + r, seed, salt)
+                plan = plan_for(workload, rate, duration, plan_seed + r, seed, salt)
                 if name == SGLANG_LABEL:
                     url, headers, strategy = sglang, {}, None
                 else:
@@ -222,7 +241,8 @@ def run(
     md = (
         f"Workload `{workload}`, {PODS} sim pods, cells of {duration:.0f} s at 90 % of the "
         f"measured capacity ({capacity:.1f} req/s), {rounds} interleaved rounds, one arrival "
-        f"plan per round shared by every router (the cell with the median TTFT p90 shown). "
+        f"plan per round shared by every router (round r's drawn from seed {plan_seed} + r; "
+        f"the cell with the median TTFT p90 shown). "
         f"Load average at start {load_start}, at end {loadavg()}.\n\n"
         + md_table(
             [
@@ -256,10 +276,13 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true", help="skip sglang-router")
     ap.add_argument("--variants", default="", help="comma-separated subset of VARIANTS")
     ap.add_argument("--tag", default="", help="suffix of the results file's name")
+    ap.add_argument(
+        "--seed", type=int, default=300, help="arrival plans: round r draws from SEED + r"
+    )
     a = ap.parse_args()
     t0 = time.monotonic()
     only = tuple(v for v in a.variants.split(",") if v)
-    print(run(a.quick, a.workload, a.rounds, peer=not a.no_peer, only=only, tag=a.tag))
+    print(run(a.quick, a.workload, a.rounds, peer=not a.no_peer, only=only, tag=a.tag, seed=a.seed))
     print(f"took {time.monotonic() - t0:.0f} s")
 
 

@@ -274,6 +274,40 @@ def test_miss_balance_places_new_prefixes_by_the_traffic_each_pod_already_draws(
     assert sorted(Counter(_homes(r2, [10] * 8, "balanced")).values()) == [2, 2, 2, 2]
 
 
+def _placed(weight: float) -> dict[int, str]:
+    """Two idle pods; group 0 sends 6 prompts, then groups 1-3 one each: where each settled."""
+    prof = {
+        "scorers": [
+            {
+                **BALANCED["scorers"][0],
+                "params": {"miss_owner": 0, "miss_balance": 1, "placement_weight": weight},
+            },
+            BALANCED["scorers"][1],
+        ]
+    }
+    snap, _ = fleet([("llama",)] * 2)
+    r = router(snap, profiles={"p": prof}, client_selectable=["p"])
+    homes = {}
+    for g, n in ((0, 6), (1, 1), (2, 1), (3, 1)):
+        for q in range(n):
+            d = r.route(prompt_ctx(g, q, profile="p"))
+            assert isinstance(d, Decision)
+            r.completed(d.pods[0].address)
+        homes[g] = names(d)[0]
+    return homes
+
+
+def test_a_prefix_just_placed_counts_as_the_traffic_it_will_bring() -> None:
+    # Groups 1 and 2 have sent one prompt each, group 0 six: by prompts alone the pod holding
+    # 1 and 2 looks quieter and takes group 3 too (3 groups against 1); counted as the
+    # traffic they will bring (placement_weight 8), group 3 goes to group 0's pod.
+    by_placement = _placed(8.0)
+    assert by_placement[1] == by_placement[2] != by_placement[0]
+    assert by_placement[3] == by_placement[0]
+    by_prompts = _placed(1.0)  # the control: the pile-on the weight prevents
+    assert by_prompts[1] == by_prompts[2] == by_prompts[3] != by_prompts[0]
+
+
 def test_without_miss_balance_idle_pods_take_new_prefixes_regardless_of_their_traffic() -> None:
     # The control for the test above: load alone cannot see that one pod draws a hot group.
     plain = {

@@ -286,6 +286,21 @@ class PrefixParams(PluginParams):
             "of each other agree."
         ),
     )
+    placement_weight: float = Field(
+        default=1.0,
+        ge=1,
+        le=1000,
+        allow_inf_nan=False,
+        description=(
+            "In miss_balance's recent count, a pick that places a prompt on a pod holding none "
+            "of its blocks counts as this many prompts (any other pick as one): a prefix just "
+            "placed brings requests the prompt count sees only as they arrive. 8 spread new "
+            "groups more evenly (8-11 placements per pod instead of 8-13) and read a lower "
+            "TTFT p90 in 3 of 3 paired rounds of one probe, then higher in 4 of 6 paired rounds "
+            "of the tuning harness (median 1.09x; benchmarks/results/"
+            "prefix_tuning_shared_prefix_placement.md): off (1) until it measures better."
+        ),
+    )
     balance_half_life_s: float = Field(
         default=10.0,
         gt=0,
@@ -584,10 +599,10 @@ class PrefixCacheScorer(Scorer[PrefixState]):
         scale = self.params.miss_balance / max((hi - lo) * now_scale, 1.0)
         return [(hi - x) * now_scale * scale for x in stored]
 
-    def _count(self, key: str) -> None:
+    def _count(self, key: str, prompts: float) -> None:
         recent = self._recent
         w = math.exp(self._decay * (time.monotonic() - self._epoch))
-        recent[key] = recent.get(key, 0.0) + w
+        recent[key] = recent.get(key, 0.0) + prompts * w
 
     def on_pick(self, ctx: RequestContext, view: PoolView, decision: Decision) -> None:
         hashes = ctx.prefix_hashes
@@ -595,12 +610,13 @@ class PrefixCacheScorer(Scorer[PrefixState]):
             return
         p = decision.pods[0]
         key = p.pod.identity
+        matched = self._matched(key, hashes)  # what the choice was predicted to hit
         stats = self._stats
-        if stats is not None:  # what the choice was predicted to hit, before learning it
+        if stats is not None:
             stats.prefix_blocks += len(hashes)
-            stats.prefix_blocks_matched += self._matched(key, hashes)
+            stats.prefix_blocks_matched += matched
         if self.params.miss_balance:
-            self._count(key)
+            self._count(key, 1.0 if matched else self.params.placement_weight)
         self._learn(p, hashes)
 
     def on_placement(self, address: str, block_chars: int, hashes: tuple[int, ...]) -> None:
@@ -611,9 +627,12 @@ class PrefixCacheScorer(Scorer[PrefixState]):
             return
         p = self._by_address.get(address)
         if p is not None:
+            hashes = hashes[: self.params.max_blocks]
             if self.params.miss_balance:
-                self._count(p.pod.identity)
-            self._learn(p, hashes[: self.params.max_blocks])
+                key = p.pod.identity
+                placed = not self._matched(key, hashes)
+                self._count(key, self.params.placement_weight if placed else 1.0)
+            self._learn(p, hashes)
 
     def _learn(self, p: PodStatus, hashes: Sequence[int]) -> None:
         key = p.pod.identity
