@@ -72,7 +72,7 @@ from router_ext.harness.loadgen import (
     run_schedule,
 )
 from router_ext.harness.stack import Stack, StackOptions
-from router_ext.harness.workloads import WorkItem, Workload, make_workload
+from router_ext.harness.workloads import SharedPrefix, WorkItem, Workload, make_workload
 
 PODS = 4
 MAX_RUNNING = 8
@@ -95,6 +95,8 @@ ROUTERS = {
 }
 #: The router-ext profile each workload's targets are about.
 FOCUS = {"shared-prefix": "prefix-aware", "multi-turn": "session"}
+#: --bound's cell: what TTFT is when no placement can go wrong (see `run`).
+BOUND_LABEL = "bound: 1 group, round-robin"
 RESULT_NAME = {"shared-prefix": "shared_prefix", "multi-turn": "multi_turn"}
 HITS = "vllm:prefix_cache_hits_total"
 QUERIES = "vllm:prefix_cache_queries_total"
@@ -120,6 +122,9 @@ class Cell:
     busiest: float = math.nan
     # The round of a --rounds run: one arrival plan per (round, rate), shared by every router.
     round_no: int = 0
+    # TTFT p50 (seconds) of the placements: each group's first request on each pod that
+    # served it, the requests that find no cached prefix (compulsory misses and spills).
+    placement_ttft: float = math.nan
 
 
 # --- pure helpers (tested in tests/test_bench_harness.py) ---------------------------------
@@ -186,9 +191,13 @@ def summarize(
     else:
         tps = 0.0
     by_group: dict[str, set[str]] = {}
-    for r in ok:
+    placed: list[float] = []
+    for r in sorted(ok, key=lambda r: r.started):
         if r.served_by:
-            by_group.setdefault(r.group, set()).add(r.served_by)
+            pods = by_group.setdefault(r.group, set())
+            if r.served_by not in pods and r.ttft_s is not None:
+                placed.append(r.ttft_s)
+            pods.add(r.served_by)
     spread = sum(len(s) for s in by_group.values()) / len(by_group) if by_group else float("nan")
     per_pod = Counter(r.served_by for r in ok if r.served_by)
     busiest = max(per_pod.values()) * len(per_pod) / sum(per_pod.values()) if per_pod else math.nan
@@ -205,6 +214,7 @@ def summarize(
         off_strategy=sum(1 for r in ok if strategy is not None and r.strategy != strategy),
         errors=errors[:3],
         busiest=busiest,
+        placement_ttft=percentile(placed, 50) if placed else math.nan,
     )
 
 
@@ -251,6 +261,7 @@ def table(cells: Sequence[Cell], rates: Sequence[float]) -> str:
                     _pct(c.hit_rate),
                     "-" if math.isnan(c.pods_per_group) else f"{c.pods_per_group:.1f}",
                     "-" if math.isnan(c.busiest) else f"{c.busiest:.2f}",
+                    _ms(c.placement_ttft),
                 ]
             )
     header = [
@@ -265,6 +276,7 @@ def table(cells: Sequence[Cell], rates: Sequence[float]) -> str:
         "prefix hit rate",
         "pods per group",
         "busiest pod",
+        "placement TTFT p50 ms",
     ]
     return md_table(header, rows)
 
@@ -407,9 +419,23 @@ def _salted(item: WorkItem, tag: str) -> WorkItem:
 
 
 def plan_for(
-    workload: str, rate: float, duration_s: float, arrival_seed: int, cell_seed: int, salt: bool
+    workload: str,
+    rate: float,
+    duration_s: float,
+    arrival_seed: int,
+    cell_seed: int,
+    salt: bool,
+    *,
+    one_group: bool = False,
 ) -> list[tuple[float, WorkItem]]:
-    plan = open_loop_schedule(_workload(workload, cell_seed), rate, duration_s, seed=arrival_seed)
+    """`one_group` (shared-prefix): every prompt in one group, the same number of prompts per
+    round, so the plan draws the same arrivals and questions (BOUND_LABEL)."""
+    wl = _workload(workload, cell_seed)
+    if one_group and isinstance(wl, SharedPrefix):
+        wl = make_workload(
+            workload, stream=True, seed=cell_seed, groups=1, prompts=wl.groups * wl.prompts
+        )
+    plan = open_loop_schedule(wl, rate, duration_s, seed=arrival_seed)
     if salt:
         plan = [(t, _salted(item, f"cell {cell_seed}")) for t, item in plan]
     return plan
@@ -542,10 +568,17 @@ def run(
     fractions: Sequence[float] = RATE_FRACTIONS,
     rounds: int = 1,
     scrape_interval_s: float | None = None,
+    bound: bool = False,
 ) -> str:
     """`rounds` > 1: every cell that many times (rotated, a new arrival plan each round); the
     table shows each router's median cell by TTFT p90 and lists every cell after it, into
-    `<result>_rounds.md` so the one-round result is kept."""
+    `<result>_rounds.md` so the one-round result is kept.
+
+    `bound` (shared-prefix): one more cell per round, BOUND_LABEL: the same arrival plan and
+    request shapes with all prompts in one group, round-robin. Every request but each pod's
+    first finds its prefix cached on any pod and the spread is even. A relaxed problem: it
+    shows how fast the hits can be with nothing to place, not a TTFT a router placing 32
+    groups could reach."""
     if workload not in ROUTERS:
         raise BenchError(f"workload {workload!r}: choose one of {', '.join(ROUTERS)}")
     duration = 4.0 if quick else 20.0
@@ -598,15 +631,24 @@ def run(
                 "each with its command-line defaults"
             )
         names = [*profiles, *peer_urls]
+        if bound and workload == "shared-prefix":
+            names.append(BOUND_LABEL)
         cell_seed = 0
         schedule = [(rnd, ri, rate) for rnd in range(rounds) for ri, rate in enumerate(rates)]
         for rnd, ri, rate in schedule:
             for name in rotated(names, ri + rnd):
                 cell_seed += 1
                 plan = plan_for(
-                    workload, rate, duration, 100 + ri + 1000 * rnd, 1000 + cell_seed, salt
-                )
-                if name in peer_urls:
+                    workload, rate, duration, 100 + ri + 1000 * rnd, 1000 + cell_seed, salt,
+                    one_group=name == BOUND_LABEL,
+                )  # fmt: skip
+                if name == BOUND_LABEL:
+                    url, headers, strategy = (
+                        stack.url,
+                        {STRATEGY_REQUEST_HEADER: "round-robin"},
+                        None,
+                    )
+                elif name in peer_urls:
                     url, headers, strategy = peer_urls[name], {}, None
                 else:
                     url, headers, strategy = stack.url, {STRATEGY_REQUEST_HEADER: name}, name
@@ -657,6 +699,8 @@ def run(
     name = RESULT_NAME[workload] + ("_rounds" if rounds > 1 else "")
     if scrape_interval_s:
         name += f"_scrape{scrape_interval_s * 1000:g}ms"
+    if BOUND_LABEL in names:
+        name += "_bound"
     _plot(cells, rates, workload, name)
     title = "Shared-prefix routing" if workload == "shared-prefix" else "Multi-turn routing"
     write_result(name, f"# {title}\n\n" + machine_markdown() + "\n" + md)
@@ -696,7 +740,9 @@ def _markdown(
         "queries_total` over the cell. `pods per group`: distinct pods that served one prefix "
         "group (multi-turn: one session), from the pods' `x-served-by`. `busiest pod`: "
         "requests the busiest pod served over the mean per pod (1.00: an even spread; at "
-        "90 % load a pod at 1.11 or more is at or past its capacity).\n",
+        "90 % load a pod at 1.11 or more is at or past its capacity). `placement TTFT p50`: "
+        "the TTFT of each group's first request on each pod that served it (no cached "
+        "prefix there: the workload's compulsory misses, and spills).\n",
     ]
     out += [
         line + "\n"
@@ -755,6 +801,11 @@ def main() -> None:
     )
     ap.add_argument("--rounds", type=int, default=1, help="cells per router and rate")
     ap.add_argument(
+        "--bound",
+        action="store_true",
+        help="add a cell per round with every prompt in one group, round-robin (a floor)",
+    )
+    ap.add_argument(
         "--scrape-interval-ms",
         type=float,
         help="router-ext's scrape.interval_s for this run (default 500 ms; own result file)",
@@ -770,6 +821,7 @@ def main() -> None:
             fractions=fr,
             rounds=args.rounds,
             scrape_interval_s=args.scrape_interval_ms / 1000 if args.scrape_interval_ms else None,
+            bound=args.bound,
         )
     )
     print(f"took {time.monotonic() - t0:.0f} s")

@@ -92,6 +92,31 @@ def test_summarize_counts_failures_tokens_spread_and_degraded_answers() -> None:
     assert c.errors == ["ClientError: boom"]
 
 
+def test_summarize_times_each_groups_first_request_on_each_pod() -> None:
+    # The placements find nothing cached on their pod; the repeats after them do.
+    rs = [
+        _r(started=0.0, latency=1.0, ttft_s=0.4, served_by="p0", group="g0"),
+        _r(started=0.1, latency=1.0, ttft_s=0.05, served_by="p0", group="g0"),
+        _r(started=0.2, latency=1.0, ttft_s=0.05, served_by="p0", group="g0"),
+        _r(started=0.3, latency=1.0, ttft_s=0.6, served_by="p1", group="g0"),
+        _r(started=0.4, latency=1.0, ttft_s=0.05, served_by="p1", group="g0"),
+    ]
+    c = shared_prefix.summarize("prefix-aware", 10.0, rs, 0.5)
+    assert c.placement_ttft == pytest.approx(0.4)  # p50 of the two placements (0.4, 0.6)
+    assert c.ttft[0] == pytest.approx(0.05)
+
+
+def test_the_bound_plan_is_the_same_plan_with_one_group() -> None:
+    real = shared_prefix.plan_for("shared-prefix", 20.0, 3.0, 100, 7, False)
+    bound = shared_prefix.plan_for("shared-prefix", 20.0, 3.0, 100, 7, False, one_group=True)
+    assert [t for t, _ in bound] == [t for t, _ in real]  # the same arrivals
+    assert len({i.group for _, i in real}) > 1
+    assert {i.group for _, i in bound} == {"group-0"}
+    # The same questions after the shared system prompt: only the grouping differs.
+    questions = [json.loads(i.body)["messages"][1]["content"] for _, i in real]
+    assert [json.loads(i.body)["messages"][1]["content"] for _, i in bound] == questions
+
+
 def _cell(name: str, rate: float, p90: float, tps: float, failed: int = 0) -> shared_prefix.Cell:
     return shared_prefix.Cell(name, rate, 100, failed, (p90 / 2, p90, p90 * 2), tps, 0.5, 1.0)
 
