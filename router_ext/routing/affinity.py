@@ -599,7 +599,10 @@ class PrefixCacheScorer(Scorer[PrefixState]):
         scale = self.params.miss_balance / max((hi - lo) * now_scale, 1.0)
         return [(hi - x) * now_scale * scale for x in stored]
 
-    def _count(self, key: str, prompts: float) -> None:
+    def _count(self, key: str, matched: int) -> None:
+        """One prompt sent to pod `key`, which held `matched` of its blocks before: a
+        placement (none held) counts as placement_weight prompts."""
+        prompts = 1.0 if matched else self.params.placement_weight
         recent = self._recent
         w = math.exp(self._decay * (time.monotonic() - self._epoch))
         recent[key] = recent.get(key, 0.0) + prompts * w
@@ -616,7 +619,7 @@ class PrefixCacheScorer(Scorer[PrefixState]):
             stats.prefix_blocks += len(hashes)
             stats.prefix_blocks_matched += matched
         if self.params.miss_balance:
-            self._count(key, 1.0 if matched else self.params.placement_weight)
+            self._count(key, matched)
         self._learn(p, hashes)
 
     def on_placement(self, address: str, block_chars: int, hashes: tuple[int, ...]) -> None:
@@ -630,8 +633,7 @@ class PrefixCacheScorer(Scorer[PrefixState]):
             hashes = hashes[: self.params.max_blocks]
             if self.params.miss_balance:
                 key = p.pod.identity
-                placed = not self._matched(key, hashes)
-                self._count(key, self.params.placement_weight if placed else 1.0)
+                self._count(key, self._matched(key, hashes))
             self._learn(p, hashes)
 
     def _learn(self, p: PodStatus, hashes: Sequence[int]) -> None:
